@@ -1,0 +1,3 @@
+from gramvl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,454 @@
+"""The one module that knows open_clip: load a CLIP, tokenize, and encode with prompt slots inserted.
+
+Text side: learnable context vectors are written into the token-embedding sequence at known positions
+(shallow), and optionally replaced again at the input of later layers (deep, MaPLe/IVLP style).
+Image side: visual prompt tokens are appended after the patch tokens (VPT shallow) and replaced at the
+input of later layers (VPT deep); they are dropped before pooling, so empty prompts give `encode_image`.
+Widths, layer counts and context length are read from the model, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+
+from gramvl.errors import GramvlError
+from gramvl.paths import assets_dir
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+SMALL_NAME = "small"
+SMALL_FILE = "small_clip.safetensors"
+
+
+@dataclass
+class ClassPrompts:
+    """Class names tokenized around `n_ctx` context slots, ready for context insertion."""
+
+    classnames: list[str]
+    tokens: torch.Tensor  # [C, L] token ids (context slots hold a placeholder id)
+    embeds: torch.Tensor  # [C, L, d] frozen token embeddings
+    ctx_pos: torch.Tensor  # [C, M] positions of the context slots
+    eot: torch.Tensor  # [C] position of the end-of-text token (pooling)
+    n_ctx: int
+    position: str
+
+    def to(self, device) -> ClassPrompts:
+        return ClassPrompts(self.classnames, self.tokens.to(device), self.embeds.to(device),
+                            self.ctx_pos.to(device), self.eot.to(device), self.n_ctx, self.position)
+
+
+class _TextTower:
+    """Uniform view of open_clip's text tower (fields live on CLIP itself or on CustomTextCLIP.text)."""
+
+    def __init__(self, model: nn.Module):
+        src = model.text if hasattr(model, "text") and hasattr(model.text, "token_embedding") else model
+        if not hasattr(src, "token_embedding") or not hasattr(src, "transformer"):
+            raise GramvlError("this model's text tower is not a CLIP transformer; prompt slots need one "
+                              "(Hugging Face text towers are not supported)")
+        if getattr(src, "cls_emb", None) is not None or getattr(src, "use_pad_mask", False):
+            raise GramvlError("text towers with a class token or padding mask (CoCa-style) are not supported")
+        self.token_embedding = src.token_embedding
+        self.positional_embedding = src.positional_embedding
+        self.transformer = src.transformer
+        self.ln_final = src.ln_final
+        self.text_projection = src.text_projection
+        self.attn_mask = src.attn_mask
+        self.pool_type = getattr(src, "text_pool_type", getattr(src, "pool_type", "argmax"))
+        if self.pool_type not in ("argmax", "eos"):
+            raise GramvlError(f"text pooling {self.pool_type!r} is not supported (need 'argmax' or 'eos')")
+
+
+def _run_blocks(transformer: nn.Module, x: torch.Tensor, attn_mask, replace) -> torch.Tensor:
+    """Run transformer blocks on batch-first x; `replace(i, x)` may rewrite prompt positions before block i."""
+    batch_first = getattr(transformer, "batch_first", True)
+    for i, block in enumerate(transformer.resblocks):
+        if replace is not None and i > 0:
+            x = replace(i, x)
+        if not batch_first:
+            x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+        else:
+            x = block(x, attn_mask=attn_mask)
+    return x
+
+
+class Backbone(nn.Module):
+    """A frozen CLIP plus prompt-aware encoders. `ident` names the architecture and weights."""
+
+    def __init__(self, model: nn.Module, tokenizer, ident: str, mean=OPENAI_MEAN, std=OPENAI_STD,
+                 meta: dict | None = None):
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.ident = ident
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.meta = meta or {}
+        self._text = _TextTower(model)
+        self.context_length = int(self._text.positional_embedding.shape[0])
+        self.text_width = int(self._text.token_embedding.weight.shape[1])
+        self.text_layers = len(self._text.transformer.resblocks)
+        self.embed_dim = int(self._project_dim())
+        v = model.visual
+        self.is_vit = hasattr(v, "conv1") and hasattr(v, "class_embedding") and hasattr(v, "transformer")
+        self.vision_width = int(v.class_embedding.shape[-1]) if self.is_vit else 0
+        self.vision_layers = len(v.transformer.resblocks) if self.is_vit else 0
+        size = getattr(v, "image_size", 224)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.sot_id = int(tokenizer.sot_token_id)
+        self.eot_id = int(tokenizer.eot_token_id)
+        self.placeholder_id = int(self._encode_words("X")[0])
+
+    # ----------------------------------------------------------------------------------- info
+    def _project_dim(self) -> int:
+        proj = self._text.text_projection
+        if proj is None:
+            return self.text_width
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self._text.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._text.token_embedding.weight.dtype
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().clamp(max=100.0)
+
+    def describe(self) -> dict:
+        return {"ident": self.ident, "embed_dim": self.embed_dim, "text_width": self.text_width,
+                "text_layers": self.text_layers, "vision_width": self.vision_width,
+                "vision_layers": self.vision_layers, "context_length": self.context_length,
+                "image_size": self.image_size, "logit_scale": float(self.logit_scale)}
+
+    # ----------------------------------------------------------------------------------- text
+    def _encode_words(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [N, context_length] exactly as open_clip tokenizes them."""
+        return self.tokenizer(texts).to(self.device)
+
+    def token_embeddings(self, text: str) -> torch.Tensor:
+        """Embeddings [n_tokens, d_text] of the words of `text` (no start/end tokens): word-init of contexts."""
+        ids = torch.tensor(self._encode_words(text), device=self.device)
+        return self._text.token_embedding(ids).detach().clone()
+
+    def class_prompts(self, classnames: list[str], n_ctx: int, position: str = "end",
+                      suffix: str = ".") -> ClassPrompts:
+        """Tokenize `[SOT] ctx*M name{suffix} [EOT]` (position end), or name/ctx split as CoOp's middle/front."""
+        if position not in ("end", "middle", "front"):
+            raise GramvlError(f"class token position must be end, middle or front, not {position!r}")
+        L = self.context_length
+        rows, pos_rows, eots = [], [], []
+        for name in classnames:
+            name_ids = self.tokenizer.encode(name.replace("_", " ") + suffix)
+            dot = self.tokenizer.encode(suffix) if suffix else []
+            if position == "end":
+                body = [None] * n_ctx + name_ids
+            elif position == "front":
+                cls_ids = name_ids[: len(name_ids) - len(dot)] if dot else name_ids
+                body = cls_ids + [None] * n_ctx + dot
+            else:
+                half = n_ctx // 2
+                cls_ids = name_ids[: len(name_ids) - len(dot)] if dot else name_ids
+                body = [None] * half + cls_ids + [None] * (n_ctx - half) + dot
+            ids = [self.sot_id] + body + [self.eot_id]
+            if len(ids) > L:
+                raise GramvlError(
+                    f"prompt length mismatch: class name {name!r} needs {len(name_ids)} tokens; with "
+                    f"{n_ctx} context tokens the prompt has {len(ids)} tokens, more than the model's text "
+                    f"context length {L}. Use fewer context tokens or a shorter class name.")
+            pos = [i for i, t in enumerate(ids) if t is None]
+            ids = [self.placeholder_id if t is None else t for t in ids] + [0] * (L - len(ids))
+            rows.append(ids)
+            pos_rows.append(pos)
+            eots.append(len(body) + 1)
+        dev = self.device
+        tokens = torch.tensor(rows, dtype=torch.long, device=dev)
+        with torch.no_grad():
+            embeds = self._text.token_embedding(tokens)
+        ctx_pos = torch.tensor(pos_rows, dtype=torch.long, device=dev).reshape(len(classnames), n_ctx)
+        return ClassPrompts(list(classnames), tokens, embeds, ctx_pos,
+                            torch.tensor(eots, dtype=torch.long, device=dev), n_ctx, position)
+
+    def _insert(self, base: torch.Tensor, pos: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Write ctx [..., C, M, d] (broadcastable) into base [..., C, L, d] at positions pos [C, M]."""
+        lead = torch.broadcast_shapes(base.shape[:-2], ctx.shape[:-2])
+        base = base.expand(*lead, *base.shape[-2:])
+        ctx = ctx.expand(*lead, *ctx.shape[-2:]).to(base.dtype)
+        idx = pos.expand(*lead[:-1], *pos.shape).unsqueeze(-1).expand(*lead, pos.shape[-1], base.shape[-1])
+        return torch.scatter(base, -2, idx, ctx)
+
+    def _text_forward(self, x: torch.Tensor, eot: torch.Tensor, pos: torch.Tensor | None,
+                      deep: list[torch.Tensor] | None) -> torch.Tensor:
+        """x [N, L, d] token embeddings (prompts inserted); deep[i-1] replaces the slots before block i."""
+        t = self._text
+        x = x + t.positional_embedding.to(x.dtype)
+        replace = None
+        if deep:
+            n = len(deep)
+
+            def replace(i: int, h: torch.Tensor) -> torch.Tensor:
+                if i > n:
+                    return h
+                return self._insert(h, pos, deep[i - 1].unsqueeze(0) if deep[i - 1].dim() == 2 else deep[i - 1])
+
+        mask = t.attn_mask
+        x = _run_blocks(t.transformer, x, mask, replace)
+        x = t.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        proj = t.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return x
+
+    def prompted_text_features(self, cp: ClassPrompts, ctx: torch.Tensor | None,
+                               deep: list[torch.Tensor] | None = None, normalize: bool = True,
+                               chunk_size: int | None = 256, checkpoint: bool = False) -> torch.Tensor:
+        """Text features [..., C, D] with context ctx of shape [M, d], [C, M, d] or [B, 1|C, M, d].
+
+        Classes are encoded in chunks of `chunk_size` rows (bounded memory); with `checkpoint` each chunk's
+        activations are recomputed in backward instead of stored, so 1000-class tuning fits small GPUs.
+        Deep prompts: list of [M, d] (or [C, M, d]) tensors for blocks 1..len(deep).
+        """
+        C = len(cp.classnames)
+        if ctx is None:
+            x = cp.embeds
+        else:
+            if ctx.shape[-2:] != (cp.n_ctx, self.text_width):
+                raise GramvlError(f"prompt length mismatch: context of shape {tuple(ctx.shape)} does not fit "
+                                  f"{cp.n_ctx} slots of width {self.text_width}")
+            if ctx.dim() == 2:
+                ctx = ctx.unsqueeze(0)
+            x = self._insert(cp.embeds, cp.ctx_pos, ctx)
+        lead = x.shape[:-3]
+        flat = x.reshape(-1, *x.shape[-2:])
+        n_rep = flat.shape[0] // C
+        eot = cp.eot.repeat(n_rep)
+        pos = cp.ctx_pos.repeat(n_rep, 1)
+        if deep:
+            deep = [d if d.dim() == 2 else d.expand(*lead, C, *d.shape[-2:]).reshape(-1, *d.shape[-2:])
+                    for d in deep]
+        step = chunk_size or flat.shape[0]
+        outs = []
+        for s in range(0, flat.shape[0], step):
+            sl = slice(s, s + step)
+            dchunk = None
+            if deep:
+                dchunk = [d if d.dim() == 2 else d[sl] for d in deep]
+            args = (flat[sl], eot[sl], pos[sl], dchunk)
+            if checkpoint and torch.is_grad_enabled():
+                outs.append(grad_checkpoint(self._text_forward, *args, use_reentrant=False))
+            else:
+                outs.append(self._text_forward(*args))
+        feats = torch.cat(outs).reshape(*lead, C, -1)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], normalize: bool = True, chunk_size: int = 512) -> torch.Tensor:
+        """Plain text features [N, D] (open_clip's encode_text), computed in chunks."""
+        outs = []
+        for s in range(0, len(texts), chunk_size):
+            outs.append(self.model.encode_text(self.tokenize(texts[s:s + chunk_size])))
+        feats = torch.cat(outs) if outs else torch.zeros(0, self.embed_dim, device=self.device)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    # ----------------------------------------------------------------------------------- image
+    def encode_image(self, images: torch.Tensor, prompts: torch.Tensor | None = None,
+                     deep: list[torch.Tensor] | None = None, normalize: bool = True) -> torch.Tensor:
+        """Image features [B, D]; prompts [M, d] or [B, M, d] appended after the patch tokens (VPT)."""
+        if prompts is None and not deep:
+            feats = self.model.encode_image(images)
+            return F.normalize(feats, dim=-1) if normalize else feats
+        if not self.is_vit:
+            raise GramvlError("visual prompts need a ViT image tower; this model's image tower is not a ViT")
+        v = self.model.visual
+        x = v._embeds(images.to(self.dtype))
+        B, n_tok = x.shape[0], x.shape[1]
+        if prompts is None:
+            raise GramvlError("deep visual prompts need shallow prompts for the first layer")
+        if prompts.shape[-1] != self.vision_width:
+            raise GramvlError(f"prompt length mismatch: visual prompts of width {prompts.shape[-1]} do not fit "
+                              f"the image tower's width {self.vision_width}")
+        p = prompts.expand(B, *prompts.shape[-2:]) if prompts.dim() == 2 else prompts
+        M = p.shape[1]
+        x = torch.cat([x, p.to(x.dtype)], dim=1)
+        replace = None
+        if deep:
+            n = len(deep)
+
+            def replace(i: int, h: torch.Tensor) -> torch.Tensor:
+                if i > n:
+                    return h
+                d = deep[i - 1]
+                d = d.expand(B, *d.shape[-2:]) if d.dim() == 2 else d
+                return torch.cat([h[:, :n_tok], d.to(h.dtype)], dim=1)
+
+        x = _run_blocks(v.transformer, x, None, replace)
+        x = x[:, : x.shape[1] - M]
+        pooled, _ = v._pool(x)
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    # ----------------------------------------------------------------------------------- transforms
+    def transform(self, train: bool = False):
+        """torchvision preprocessing at the model's resolution (train: random resized crop + flip)."""
+        from torchvision import transforms as T
+
+        norm = T.Normalize(self.mean, self.std)
+        size = self.image_size
+        if train:
+            return T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                              T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                          T.ToTensor(), norm])
+
+
+# ======================================================================================= loading
+def _file_digest(path: Path, limit: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+    h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()[:12]
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a third-party weights file: .safetensors, or .pt/.bin via torch.load(weights_only=True).
+
+    OpenAI's released .pt files are TorchScript archives; their tensors are read with torch.jit.load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GramvlError(f"weights file not found: {path}. gramvl never downloads weights: fetch the file on a "
+                          f"connected machine (see docs/real-weights.md) and pass its path with --weights")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as e:
+            raise GramvlError(f"{path} is not a valid safetensors file ({e})") from e
+    elif _is_torchscript(path):
+        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        for k in ("input_resolution", "context_length", "vocab_size"):
+            sd.pop(k, None)
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise GramvlError(f"could not read weights file {path} with torch.load(weights_only=True): {e}") from e
+        if isinstance(obj, dict) and "state_dict" in obj:
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise GramvlError(f"{path} does not hold a state dict")
+        sd = obj
+    if sd and next(iter(sd)).startswith("module."):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("attn_mask")]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if shape:
+            k = shape[0]
+            parts.append(f"{len(shape)} tensors of another shape (e.g. {k}: file {tuple(sd[k].shape)} vs "
+                         f"model {tuple(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise GramvlError(f"checkpoint from another backbone: {what} does not match the architecture: "
+                          + "; ".join(parts))
+    model.load_state_dict(sd, strict=False)
+
+
+def small_model_paths(path: str | Path | None = None) -> tuple[Path, Path]:
+    p = Path(path) if path else assets_dir() / SMALL_FILE
+    return p, p.with_suffix(".json")
+
+
+def build_small_clip(config: dict) -> nn.Module:
+    """Instantiate an open_clip CLIP from our JSON config's `model_cfg` (random init)."""
+    import open_clip
+
+    cfg = dict(config["model_cfg"])
+    return open_clip.CLIP(**cfg)
+
+
+def small_tokenizer(config: dict):
+    import open_clip
+
+    return open_clip.SimpleTokenizer(context_length=config["model_cfg"]["text_cfg"]["context_length"])
+
+
+def load_backbone(model: str = SMALL_NAME, weights: str | Path | None = None, device: str = "cpu",
+                  allow_random: bool = False, seed: int = 0) -> Backbone:
+    """Load `small` (our packaged CLIP), a gramvl small-CLIP file, or an open_clip architecture by name.
+
+    open_clip models need `weights` (a local file); `weights='random'` (or allow_random) gives random
+    init, for tests and memory measurements only.
+    """
+    import open_clip
+
+    if model == SMALL_NAME or str(model).endswith(".safetensors"):
+        path, side = small_model_paths(None if model == SMALL_NAME else model)
+        if not path.is_file() or not side.is_file():
+            raise GramvlError(f"small CLIP checkpoint not found at {path} (+ {side.name}); it ships with the "
+                              f"package, or rebuild it with `gramvl pretrain` (see docs/pretraining.md)")
+        config = json.loads(side.read_text())
+        if config.get("format") != "gramvl-small-clip":
+            raise GramvlError(f"{side} is not a gramvl small-CLIP config")
+        net = build_small_clip(config)
+        from safetensors.torch import load_file
+
+        sd = {k: v.float() for k, v in load_file(str(path)).items()}
+        _load_into(net, sd, str(path))
+        ident = f"gramvl-small:{_file_digest(path)}"
+        bb = Backbone(net, small_tokenizer(config), ident, config.get("mean", OPENAI_MEAN),
+                      config.get("std", OPENAI_STD), meta=config)
+        return bb.to(device)
+
+    if model not in open_clip.list_models():
+        raise GramvlError(f"unknown model {model!r}: use 'small' or an open_clip architecture name such as "
+                          f"ViT-B-16 or ViT-B-32 (`python -c 'import open_clip; print(open_clip.list_models())'`)")
+    if weights is None and not allow_random:
+        raise GramvlError(f"no weights file for {model}: gramvl never downloads. Download the weights on a "
+                          f"connected machine (docs/real-weights.md) and pass --weights FILE "
+                          f"(or --weights random for a randomly initialized model)")
+    torch.manual_seed(seed)
+    net = open_clip.create_model(model, pretrained=None)
+    if weights is not None and str(weights) != "random":
+        _load_into(net, load_state_dict_file(weights), str(weights))
+        ident = f"{model}:{_file_digest(Path(weights))}"
+    else:
+        ident = f"{model}:random-init-seed{seed}"
+    cfg = getattr(net.visual, "preprocess_cfg", {}) or {}
+    tok = open_clip.get_tokenizer(model)
+    return Backbone(net, tok, ident, cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)).to(device)

@@ -1,0 +1,1 @@
+"""Datasets: the embedded world, `folder:ROOT`, and the field's standard datasets."""

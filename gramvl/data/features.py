@@ -1,0 +1,72 @@
+"""Image-feature cache: frozen image towers are run once per (model, dataset, split, transform, views).
+
+Hosts whose image side is frozen (zero-shot, CoOp, CoCoOp, KgCoOp, ProGrad, linear probe) train on these
+cached features, so an epoch costs only text-encoder passes. Augmented views are cached as a fixed number
+of feature views per image (deterministic per seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from tqdm import tqdm
+
+from gramvl.backbone import Backbone
+from gramvl.data.base import ImageDataset
+from gramvl.io import load_tensors, save_tensors
+from gramvl.paths import cache_dir
+
+
+def _key(bb: Backbone, ds: ImageDataset, transform_desc: str, views: int, seed: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([bb.ident, ds.name, ds.split, transform_desc, views, seed]).encode())
+    for p, y in ds.samples:
+        h.update(f"{p}\t{y}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _loader(ds: ImageDataset, batch_size: int, workers: int):
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       persistent_workers=False)
+
+
+@torch.no_grad()
+def image_features(bb: Backbone, ds: ImageDataset, train_views: int = 0, seed: int = 0, batch_size: int = 256,
+                   workers: int = 2, cache: bool = True, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized features [N, D] (test transform) or [N, V, D] (V augmented train views) and labels [N]."""
+    desc = f"train-aug-v1:{bb.image_size}" if train_views else f"test:{bb.image_size}"
+    key = _key(bb, ds, desc, train_views, seed)
+    path = cache_dir("features") / f"{key}.safetensors"
+    if cache and path.is_file():
+        try:
+            t, _ = load_tensors(path)
+            return t["features"], t["labels"].long()
+        except Exception:
+            path.unlink(missing_ok=True)
+    bb.eval()
+    labels = torch.tensor(ds.labels, dtype=torch.long)
+    if not train_views:
+        feats = []
+        for x, _ in tqdm(_loader(ds.with_transform(bb.transform(False)), batch_size, workers),
+                         desc=f"features {ds.key}", disable=not progress, leave=False):
+            feats.append(bb.encode_image(x.to(bb.device)).float().cpu())
+        out = torch.cat(feats) if feats else torch.zeros(0, bb.embed_dim)
+    else:
+        views = []
+        for v in range(train_views):
+            torch.manual_seed(seed * 1000 + v)
+            tf = bb.transform(True) if v > 0 else bb.transform(False)
+            fv = []
+            for x, _ in tqdm(_loader(ds.with_transform(tf), batch_size, 0),
+                             desc=f"features {ds.key} view {v + 1}/{train_views}", disable=not progress,
+                             leave=False):
+                fv.append(bb.encode_image(x.to(bb.device)).float().cpu())
+            views.append(torch.cat(fv))
+        out = torch.stack(views, 1)
+    if cache:
+        save_tensors(path, {"features": out, "labels": labels},
+                     {"model": bb.ident, "dataset": ds.name, "split": ds.split, "transform": desc,
+                      "views": train_views, "seed": seed, "n": len(ds)})
+    return out, labels

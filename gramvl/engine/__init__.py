@@ -1,0 +1,1 @@
+"""Training, evaluation, protocols and result records, shared by every host method."""

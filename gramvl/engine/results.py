@@ -1,0 +1,49 @@
+"""One JSON record per run: config, seed, versions, metrics, wall time. Tables are derived from records."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from gramvl.io import write_json
+
+
+def versions() -> dict:
+    import open_clip
+    import torch
+
+    import gramvl
+
+    return {"gramvl": gramvl.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "python": platform.python_version(), "git_commit": git_commit()}
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def make_record(kind: str, config: dict, metrics: dict, seconds: float, **extra) -> dict:
+    return {"kind": kind, "config": config, "metrics": metrics, "versions": versions(),
+            "seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra}
+
+
+def save_record(path: str | Path, record: dict) -> None:
+    write_json(path, record)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

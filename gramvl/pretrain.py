@@ -1,0 +1,334 @@
+"""Contrastive pre-training of our small CLIP on the embedded world's pre-training corpus.
+
+Everything runs from an in-memory uint8 image tensor with batched torch augmentations (affine, background
+recolouring, greyscale, edge maps / line art, inversion, blur, noise) so that 2 CPU cores suffice and the
+model meets styles it never saw (colour, line art, grey photos, dark-on-light and light-on-dark).
+Deterministic per seed; resumable from `OUT/last.safetensors`; the best checkpoint is chosen on held-out
+OpenMoji *val* splits (a style the corpus never contains), never on test sets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gramvl.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, build_small_clip, small_tokenizer
+from gramvl.errors import GramvlError
+from gramvl.io import load_tensors, save_tensors, write_json
+
+CAPTION_TEMPLATES = (
+    "{}", "a {}.", "a photo of a {}.", "an emoji of a {}.", "a drawing of a {}.", "an icon of a {}.",
+    "a picture of the {}.", "a sketch of a {}.", "a black and white photo of a {}.", "a small {}.",
+    "a cartoon {}.", "a photo of the {}.",
+)
+
+
+@dataclass
+class PretrainConfig:
+    """Architecture and recipe of the small CLIP (an open_clip CLIP config plus the training recipe)."""
+
+    image_size: int = 32
+    patch_size: int = 4
+    vision_width: int = 192
+    vision_layers: int = 6
+    vision_head_width: int = 64
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    context_length: int = 32
+    embed_dim: int = 128
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-3
+    logit_scale_lr: float = 1e-2
+    weight_decay: float = 0.1
+    warmup: int = 150
+    eval_every: int = 250
+    seed: int = 0
+    threads: int = 2
+    store_size: int = 40
+    mean: tuple = OPENAI_MEAN
+    std: tuple = OPENAI_STD
+    val_sets: list[str] = field(default_factory=list)
+
+    def model_cfg(self) -> dict:
+        return {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": {"image_size": self.image_size, "patch_size": self.patch_size,
+                           "width": self.vision_width, "layers": self.vision_layers,
+                           "head_width": self.vision_head_width, "mlp_ratio": 4.0},
+            "text_cfg": {"context_length": self.context_length, "vocab_size": 49408, "width": self.text_width,
+                         "heads": self.text_heads, "layers": self.text_layers},
+        }
+
+
+# ----------------------------------------------------------------------------------------- data
+def caption_variants(pair: dict) -> list[str]:
+    """All captions of one corpus pair: names and short names in templates, plus keyword captions."""
+    names = [pair["name"].lower()] + [s.replace("_", " ").lower() for s in pair.get("short_names", [])]
+    names = list(dict.fromkeys(n.strip() for n in names if n and n.strip()))
+    kws = [k.lower() for k in pair.get("keywords", []) if k]
+    caps = [t.format(n) for n in names for t in CAPTION_TEMPLATES]
+    if kws:
+        caps.append(f"{names[0]}, " + ", ".join(kws[:4]))
+        caps.extend(f"a {k}." for k in kws[:6])
+        caps.append(" ".join(kws[:3]))
+    return caps
+
+
+def load_corpus_images(pairs: list[dict], size: int) -> torch.Tensor:
+    """uint8 [N, 3, size, size] images (antialiased resize of the corpus PNGs)."""
+    from PIL import Image
+
+    out = np.zeros((len(pairs), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(tqdm(pairs, desc="load corpus", leave=False, mininterval=2)):
+        with Image.open(p["image"]) as im:
+            out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def augment(x: torch.Tensor, out_size: int, g: torch.Generator) -> torch.Tensor:
+    """Batched style and geometry augmentation of uint8 images -> float images in [0, 1]."""
+    B = x.shape[0]
+    x = x.float() / 255.0
+
+    def r(*shape):
+        return torch.rand(*shape, generator=g)
+
+    # geometry: zoom, rotation, translation, flip; outside the artwork stays white
+    scale = 0.75 + 0.5 * r(B)
+    ang = (r(B) - 0.5) * math.radians(40)
+    flip = torch.where(r(B) < 0.5, -1.0, 1.0)
+    tx, ty = (r(B) - 0.5) * 0.3, (r(B) - 0.5) * 0.3
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, (B, 3, out_size, out_size), align_corners=False)
+    x = 1.0 - F.grid_sample(1.0 - x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    bg = (x.min(1, keepdim=True).values > 0.93).float()
+
+    def pick(p):
+        return (r(B) < p).view(B, 1, 1, 1).float()
+
+    grey = x.mul(torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    # line art: edge magnitude of the grey image, dark lines on white
+    kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]).view(1, 1, 3, 3)
+    ex = F.conv2d(grey, kx, padding=1)
+    ey = F.conv2d(grey, kx.transpose(2, 3), padding=1)
+    edge = (ex.pow(2) + ey.pow(2)).sqrt()
+    thick = pick(0.5)
+    edge = thick * F.max_pool2d(edge, 3, 1, 1) + (1 - thick) * edge
+    lines = (1.0 - (edge * (2.0 + 4.0 * r(B).view(B, 1, 1, 1))).clamp(0, 1)).expand(B, 3, -1, -1)
+    m_line = pick(0.2)
+    x = m_line * lines + (1 - m_line) * x
+    # silhouettes (filled shapes), a rarer style
+    m_sil = pick(0.05) * (1 - m_line)
+    x = m_sil * (bg.expand(B, 3, -1, -1)) + (1 - m_sil) * x
+    # background recolouring (solid or gradient) for the non-line-art images
+    m_bg = pick(0.4) * (1 - m_line)
+    c1, c2 = r(B, 3, 1, 1), r(B, 3, 1, 1)
+    ramp = torch.linspace(0, 1, out_size).view(1, 1, 1, out_size)
+    ramp = torch.where(r(B).view(B, 1, 1, 1) < 0.5, ramp, ramp.transpose(2, 3))
+    grad_bg = c1 + (c2 - c1) * ramp * pick(0.5)
+    x = x * (1 - m_bg * bg) + grad_bg * m_bg * bg
+    # greyscale and colour jitter
+    gx = x.mul(torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand(B, 3, -1, -1)
+    m_grey = pick(0.3)
+    x = m_grey * gx + (1 - m_grey) * x
+    bright = 0.75 + 0.5 * r(B, 1, 1, 1)
+    contrast = 0.6 + 0.8 * r(B, 1, 1, 1)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean) * bright
+    # low resolution / blur (grey photos are 28 px)
+    m_low = pick(0.25)
+    low = F.interpolate(F.interpolate(x, size=out_size // 2, mode="bilinear", antialias=True,
+                                      align_corners=False), size=out_size, mode="bilinear", align_corners=False)
+    x = m_low * low + (1 - m_low) * x
+    # inversion: light-on-dark
+    m_inv = pick(0.3)
+    x = m_inv * (1 - x) + (1 - m_inv) * x
+    x = x + 0.03 * r(B, 1, 1, 1) * torch.randn(x.shape, generator=g)
+    return x.clamp(0, 1)
+
+
+def normalize_images(x: torch.Tensor, mean, std) -> torch.Tensor:
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def zeroshot_on_val(bb: Backbone, sets: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]]) -> dict:
+    """Zero-shot accuracy ('a photo of a {}.') on preloaded float image sets."""
+    out = {}
+    for name, (imgs, labels, classes) in sets.items():
+        tf = bb.encode_texts([f"a photo of a {c}." for c in classes])
+        correct = 0
+        for s in range(0, len(imgs), 512):
+            f = bb.encode_image(imgs[s:s + 512])
+            correct += (f @ tf.T).argmax(1).eq(labels[s:s + 512]).sum().item()
+        out[name] = correct / len(imgs)
+    return out
+
+
+def load_val_sets(names: list[str], size: int, mean, std, limit: int = 1500) -> dict:
+    from gramvl.data.world import load_embedded
+
+    sets = {}
+    for n in names:
+        ds = load_embedded(n, "val")
+        idx = np.random.default_rng(0).permutation(len(ds))[:limit]
+        pairs = [{"image": ds.samples[i][0]} for i in idx]
+        imgs = load_corpus_images(pairs, size).float() / 255.0
+        sets[n] = (normalize_images(imgs, mean, std), torch.tensor([ds.samples[i][1] for i in idx]),
+                   ds.classnames)
+    return sets
+
+
+def val_score(acc: dict) -> float:
+    """Mean over style groups (colour, line art, photos) of accuracy / chance: robust across styles."""
+    groups: dict[str, list[float]] = {}
+    for k, v in acc.items():
+        g = "lineart" if k.endswith("-lineart") else ("photo" if "mnist" in k else "colour")
+        groups.setdefault(g, []).append(v)
+    return float(np.mean([np.mean(v) for v in groups.values()]))
+
+
+# ----------------------------------------------------------------------------------------- train
+def _sidecar(cfg: PretrainConfig, extra: dict) -> dict:
+    return {"format": "gramvl-small-clip", "model_cfg": cfg.model_cfg(), "mean": list(cfg.mean),
+            "std": list(cfg.std), "pretrain": {"config": asdict(cfg), **extra}}
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) -> Path:
+    """Train the small CLIP; writes OUT/best.safetensors (+ .json) and resumes from OUT/last.* if present."""
+    from gramvl.data.world import load_pretrain_pairs
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    pairs = load_pretrain_pairs()
+    if not pairs:
+        raise GramvlError("the pre-training corpus is empty; run `gramvl world build`")
+    config = _sidecar(cfg, {})
+    torch.manual_seed(cfg.seed)
+    net = build_small_clip(config)
+    tok = small_tokenizer(config)
+    bb = Backbone(net, tok, "gramvl-small:training", cfg.mean, cfg.std)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.train()
+
+    images = load_corpus_images(pairs, cfg.store_size)
+    caps, owner = [], []
+    for i, p in enumerate(pairs):
+        for c in caption_variants(p):
+            caps.append(c)
+            owner.append(i)
+    cap_tokens = tok(caps)
+    owner_t = torch.tensor(owner)
+    starts = torch.zeros(len(pairs) + 1, dtype=torch.long)
+    starts[1:] = torch.bincount(owner_t, minlength=len(pairs)).cumsum(0)
+    concept = {}
+    concept_id = torch.tensor([concept.setdefault(p.get("hexcode", p["name"]), len(concept)) for p in pairs])
+
+    val_names = cfg.val_sets
+    val = load_val_sets(val_names, cfg.image_size, cfg.mean, cfg.std) if val_names else {}
+
+    scale_params = [net.logit_scale]
+    decay = [p for n, p in net.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in net.named_parameters()
+                if (p.ndim < 2 or "embedding" in n) and n != "logit_scale"]
+    opt = torch.optim.AdamW([
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+        {"params": scale_params, "weight_decay": 0.0, "lr": cfg.logit_scale_lr},
+    ], betas=(0.9, 0.98), eps=1e-6)
+    base_lrs = [gr["lr"] for gr in opt.param_groups]
+
+    state = {"step": 0, "best_score": -1.0, "best_step": -1, "history": [], "seconds": 0.0}
+    last = out / "last.safetensors"
+    if last.is_file():
+        tensors, meta = load_tensors(last)
+        if meta and meta.get("model_cfg") == config["model_cfg"]:
+            net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+            opt_state = opt.state_dict()
+            params = [p for gr in opt.param_groups for p in gr["params"]]
+            for i, _ in enumerate(params):
+                if f"opt.{i}.exp_avg" in tensors:
+                    opt_state["state"][i] = {"step": tensors[f"opt.{i}.step"],
+                                             "exp_avg": tensors[f"opt.{i}.exp_avg"],
+                                             "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"]}
+            opt.load_state_dict(opt_state)
+            state = meta["pretrain"]["state"]
+            print(f"resuming from step {state['step']}")
+
+    def save(path: Path, with_opt: bool, extra: dict) -> None:
+        tensors = {f"model.{k}": v for k, v in net.state_dict().items() if not k.endswith("attn_mask")}
+        if with_opt:
+            params = [p for gr in opt.param_groups for p in gr["params"]]
+            for i, _ in enumerate(params):
+                st = opt.state.get(params[i])
+                if st:
+                    tensors[f"opt.{i}.step"] = st["step"].reshape(1) if st["step"].dim() == 0 else st["step"]
+                    tensors[f"opt.{i}.exp_avg"] = st["exp_avg"]
+                    tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"]
+        save_tensors(path, tensors, _sidecar(cfg, extra))
+
+    def export_best() -> None:
+        tensors = {k: v.half() for k, v in net.state_dict().items() if not k.endswith("attn_mask")}
+        extra = {"state": state, "val": state["history"][-1] if state["history"] else {}}
+        save_tensors(out / "best.safetensors", tensors, _sidecar(cfg, extra))
+
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="pretrain", disable=not progress, mininterval=5)
+    t0 = time.time() - state["seconds"]
+    while state["step"] < cfg.steps:
+        step = state["step"]
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=g)
+        cap_idx = starts[idx] + (torch.rand(cfg.batch_size, generator=g) * (starts[idx + 1] - starts[idx])).long()
+        imgs = normalize_images(augment(images[idx], cfg.image_size, g), cfg.mean, cfg.std)
+        text = cap_tokens[cap_idx]
+        lr_mult = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for gr, lr0 in zip(opt.param_groups, base_lrs, strict=True):
+            gr["lr"] = lr0 * lr_mult
+        fi = F.normalize(net.encode_image(imgs), dim=-1)
+        ft = F.normalize(net.encode_text(text), dim=-1)
+        logits = net.logit_scale.exp().clamp(max=100) * fi @ ft.T
+        same = (concept_id[idx][:, None] == concept_id[idx][None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            net.logit_scale.clamp_(0, math.log(100))
+        state["step"] = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{net.logit_scale.exp().item():.1f}")
+        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+            net.eval()
+            acc = zeroshot_on_val(bb, val) if val else {}
+            net.train()
+            score = val_score(acc) if acc else -float(loss.item())
+            state["seconds"] = time.time() - t0
+            rec = {"step": state["step"], "loss": float(loss.item()), "score": score,
+                   "logit_scale": float(net.logit_scale.exp()), "val": acc, "seconds": state["seconds"]}
+            state["history"].append(rec)
+            tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
+                                   if k != "val"}) + " " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+            if score > state["best_score"]:
+                state["best_score"], state["best_step"] = score, state["step"]
+                export_best()
+            save(last, True, {"state": state})
+    bar.close()
+    write_json(out / "history.json", state["history"])
+    return out / "best.safetensors"
