@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from gramvl.errors import GramvlError
 
@@ -90,6 +91,120 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _overrides(args) -> list[str]:
+    return list(getattr(args, "set", None) or [])
+
+
+def cmd_train(args) -> int:
+    from dataclasses import asdict
+
+    from gramvl.config import build_config
+    from gramvl.data.fewshot import harmonic_mean, split_base_new
+    from gramvl.data.registry import get_dataset
+    from gramvl.engine.protocols import train_host
+    from gramvl.engine.results import make_record, markdown_table, save_record
+    from gramvl.engine.train import TrainConfig, evaluate
+    from gramvl.io import save_tensors
+
+    t0 = time.time()
+    cfg = build_config(TrainConfig, args.config, {
+        "method": args.method, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
+        "subsample": args.subsample, "model": args.model, "weights": args.weights, "data_root": args.data_root,
+        "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "device": args.device,
+        "gram": args.gram}, _overrides(args))
+    from gramvl.backbone import load_backbone
+
+    bb = load_backbone(cfg.model, cfg.weights, device=cfg.device)
+    out = Path(args.out)
+    host, info = train_host(cfg, bb, ckpt=out / "checkpoint.safetensors", progress=not args.quiet)
+    save_tensors(out / "prompt.safetensors", host.trainable_state(),
+                 {"format": "gramvl-prompt", "method": cfg.method, "backbone": bb.ident,
+                  "classnames": host.classnames, "config": asdict(cfg)})
+    test = get_dataset(cfg.dataset, cfg.eval_split, cfg.data_root)
+    metrics = {}
+    if cfg.subsample == "base":
+        for part in ("base", "new"):
+            ds = split_base_new(test, part)
+            host.set_classnames(ds.classnames)
+            metrics[part] = evaluate(host, ds, cfg.device)["accuracy"]
+        metrics["hm"] = harmonic_mean(metrics["base"], metrics["new"])
+    else:
+        metrics["accuracy"] = evaluate(host, test, cfg.device)["accuracy"]
+    print(markdown_table(list(metrics), [list(metrics.values())]), end="")
+    save_record(out / "record.json", make_record("train", asdict(cfg) | {"backbone": bb.ident}, metrics,
+                                                 time.time() - t0, train=info))
+    print(f"prompt and record written to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from gramvl.backbone import load_backbone
+    from gramvl.config import build_config
+    from gramvl.data.registry import get_dataset
+    from gramvl.engine.results import make_record, markdown_table, save_record
+    from gramvl.engine.train import TrainConfig, evaluate
+    from gramvl.io import load_tensors
+    from gramvl.prompts import build_host
+
+    t0 = time.time()
+    tensors, meta = load_tensors(args.prompt)
+    if not meta or meta.get("format") != "gramvl-prompt":
+        raise GramvlError(f"{args.prompt} is not a gramvl prompt file (written by `gramvl train`)")
+    cfg = build_config(TrainConfig, None, meta["config"])
+    bb = load_backbone(cfg.model if args.model == "small" else args.model, args.weights, device=args.device)
+    if meta["backbone"] != bb.ident:
+        raise GramvlError(f"checkpoint from another backbone: {args.prompt} was trained on {meta['backbone']}, "
+                          f"the loaded model is {bb.ident}")
+    ds = get_dataset(args.dataset, args.split, args.data_root)
+    host = build_host(cfg.method, bb, meta["classnames"], cfg.host)
+    host.load_trainable_state(tensors)
+    host.set_classnames(ds.classnames)
+    m = evaluate(host, ds, args.device)
+    print(markdown_table(["dataset", "split", "accuracy"], [[args.dataset, args.split, m["accuracy"]]]), end="")
+    if args.json:
+        save_record(args.json, make_record("eval", {"prompt": str(args.prompt), "dataset": args.dataset,
+                                                    "split": args.split, "train_config": meta["config"]},
+                                           m, time.time() - t0))
+    return 0
+
+
+def cmd_protocol(args) -> int:
+    from gramvl.config import build_config
+    from gramvl.engine.protocols import ProtocolConfig, plot_summary, run_protocol
+
+    p = build_config(ProtocolConfig, args.config, {
+        "protocol": args.protocol, "method": args.method, "datasets": args.datasets, "targets": args.targets,
+        "seeds": args.seeds, "shots": args.shots, "out": args.out, "model": args.model, "weights": args.weights,
+        "data_root": args.data_root, "device": args.device, "epochs": args.epochs, "lr": args.lr,
+        "batch_size": args.batch_size, "gram": args.gram}, _overrides(args))
+    run_protocol(p, progress=not args.quiet)
+    plot_summary(p.out)
+    print((Path(p.out) / "summary.md").read_text())
+    return 0
+
+
+def cmd_report(args) -> int:
+    from gramvl.engine.protocols import plot_summary, summarize
+
+    summarize(args.dir)
+    files = plot_summary(args.dir)
+    print((Path(args.dir) / "summary.md").read_text())
+    for f in files:
+        print(f"plot: {f}")
+    return 0
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default=None, help="host method: zeroshot, coop, cocoop, kgcoop, prograd, vpt, "
+                   "vpt-deep, ivlp, maple, linear_probe")
+    p.add_argument("--config", default=None, help="YAML config (see configs/)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--gram", default=None, help="GRAM artifact (.safetensors) to attach")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. host.n_ctx=16")
+
+
 def cmd_demo(args) -> int:
     from gramvl.demo import run_demo
 
@@ -133,6 +248,39 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--eval-every", type=int, default=250)
     pt.add_argument("--val-sets", nargs="*", help="embedded datasets whose val split picks the checkpoint")
     pt.set_defaults(func=cmd_pretrain)
+
+    tr = sub.add_parser("train", help="train one host on one dataset (few-shot), then evaluate")
+    _add_model_args(tr)
+    _add_train_args(tr)
+    tr.add_argument("--dataset", default=None)
+    tr.add_argument("--shots", type=int, default=None)
+    tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--subsample", default=None, choices=["all", "base", "new"])
+    tr.add_argument("--out", required=True)
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained prompt file on a dataset")
+    _add_model_args(ev)
+    ev.add_argument("--prompt", required=True)
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--json", default=None)
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("protocol", help="run a protocol over datasets, shots and seeds")
+    pr.add_argument("protocol", choices=["fewshot", "base2new", "xd", "dg"])
+    _add_model_args(pr)
+    _add_train_args(pr)
+    pr.add_argument("--datasets", nargs="+", default=None)
+    pr.add_argument("--targets", nargs="*", default=None)
+    pr.add_argument("--seeds", nargs="+", type=int, default=None)
+    pr.add_argument("--shots", nargs="+", type=int, default=None)
+    pr.add_argument("--out", required=True)
+    pr.set_defaults(func=cmd_protocol)
+
+    rp = sub.add_parser("report", help="rebuild summary tables and plots of a protocol folder from its records")
+    rp.add_argument("dir")
+    rp.set_defaults(func=cmd_report)
 
     dm = sub.add_parser("demo", help="the main job on the embedded default")
     dm.add_argument("--out", default="runs/demo")

@@ -37,9 +37,9 @@ class PretrainConfig:
 
     image_size: int = 32
     patch_size: int = 4
-    vision_width: int = 192
+    vision_width: int = 128
     vision_layers: int = 6
-    vision_head_width: int = 64
+    vision_head_width: int = 32
     text_width: int = 128
     text_layers: int = 4
     text_heads: int = 4
@@ -73,7 +73,8 @@ class PretrainConfig:
 # ----------------------------------------------------------------------------------------- data
 def caption_variants(pair: dict) -> list[str]:
     """All captions of one corpus pair: names and short names in templates, plus keyword captions."""
-    names = [pair["name"].lower()] + [s.replace("_", " ").lower() for s in pair.get("short_names", [])]
+    names = [pair.get("cldr_name") or pair["name"], pair["name"]]
+    names = [n.lower() for n in names] + [s.replace("_", " ").lower() for s in pair.get("short_names", [])]
     names = list(dict.fromkeys(n.strip() for n in names if n and n.strip()))
     kws = [k.lower() for k in pair.get("keywords", []) if k]
     caps = [t.format(n) for n in names for t in CAPTION_TEMPLATES]
@@ -177,7 +178,7 @@ def zeroshot_on_val(bb: Backbone, sets: dict[str, tuple[torch.Tensor, torch.Tens
     return out
 
 
-def load_val_sets(names: list[str], size: int, mean, std, limit: int = 1500) -> dict:
+def load_val_sets(names: list[str], size: int, mean, std, limit: int = 600) -> dict:
     from gramvl.data.world import load_embedded
 
     sets = {}
@@ -252,7 +253,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     ], betas=(0.9, 0.98), eps=1e-6)
     base_lrs = [gr["lr"] for gr in opt.param_groups]
 
-    state = {"step": 0, "best_score": -1.0, "best_step": -1, "history": [], "seconds": 0.0}
+    state = {"step": 0, "best_score": -1e9, "best_step": -1, "history": [], "seconds": 0.0}
     last = out / "last.safetensors"
     if last.is_file():
         tensors, meta = load_tensors(last)

@@ -1,0 +1,224 @@
+"""One training loop for every host: SGD/AdamW with warmup + cosine, checkpoints of trainable parts only,
+resume, autocast on GPU, progress bars. Frozen-image hosts train on cached feature views."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gramvl.backbone import Backbone
+from gramvl.data.base import ImageDataset
+from gramvl.data.features import image_features
+from gramvl.errors import GramvlError
+from gramvl.io import load_tensors, save_tensors
+from gramvl.prompts.base import HostConfig, PromptLearner, Recipe
+
+
+@dataclass
+class TrainConfig:
+    """A training run: method, data, recipe overrides (None = the host's paper recipe)."""
+
+    method: str = "coop"
+    dataset: str = "emoji-animals"
+    shots: int = 16
+    seed: int = 1
+    subsample: str = "all"  # all | base | new (classes trained on)
+    model: str = "small"
+    weights: str | None = None
+    data_root: str | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    train_views: int | None = None
+    eval_split: str = "test"
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; GPU only)
+    gram: str | None = None  # GRAM artifact to attach
+    gram_parts: str = "both"  # both | init | regulator (ablations)
+    host: HostConfig = field(default_factory=HostConfig)
+
+
+def resolved_recipe(host_cls, cfg: TrainConfig) -> Recipe:
+    base = host_cls.recipe_for(cfg.shots) if hasattr(host_cls, "recipe_for") else host_cls.default_recipe
+    over = {k: v for k, v in (("epochs", cfg.epochs), ("lr", cfg.lr), ("batch_size", cfg.batch_size),
+                              ("train_views", cfg.train_views)) if v is not None}
+    return replace(base, **over)
+
+
+def _optimizer(params: list, r: Recipe) -> torch.optim.Optimizer:
+    if r.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+    if r.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
+    raise GramvlError(f"unknown optimizer {r.optimizer!r} (sgd or adamw)")
+
+
+def lr_at(r: Recipe, epoch_float: float) -> float:
+    """CoOp's schedule: constant warmup lr for `warmup_epochs`, then cosine from lr to 0 over all epochs."""
+    if epoch_float < r.warmup_epochs and r.warmup_epochs > 0 and r.epochs > r.warmup_epochs:
+        return r.warmup_lr
+    return 0.5 * r.lr * (1 + math.cos(math.pi * min(1.0, epoch_float / max(1, r.epochs))))
+
+
+def _config_hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Trains `host` on `train_ds`; checkpoint (trainable state + optimizer) at `ckpt` enables resume."""
+
+    def __init__(self, host: PromptLearner, recipe: Recipe, seed: int, ckpt: str | Path | None = None,
+                 device: str = "cpu", precision: str = "fp32", progress: bool = True,
+                 identity: dict | None = None):
+        self.host, self.recipe, self.seed = host, recipe, seed
+        self.ckpt = Path(ckpt) if ckpt else None
+        self.device, self.precision, self.progress = device, precision, progress
+        self.identity = identity or {}
+        self.history: list[dict] = []
+
+    def _autocast(self):
+        if self.device.startswith("cuda") and self.precision in ("bf16", "fp16"):
+            dt = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dt)
+        return torch.autocast("cpu", enabled=False)
+
+    def _batches(self, train_ds: ImageDataset, g: torch.Generator):
+        """Yields (batch, labels) for one epoch."""
+        r, host = self.recipe, self.host
+        if host.image_side_frozen:
+            feats, labels = self._feats
+            n = feats.shape[0]
+            perm = torch.randperm(n, generator=g)
+            bs = min(r.batch_size, n)
+            for s in range(0, n - bs + 1 if n >= bs else 1, bs):
+                idx = perm[s:s + bs]
+                if feats.dim() == 3:
+                    v = torch.randint(0, feats.shape[1], (len(idx),), generator=g)
+                    f = feats[idx, v]
+                else:
+                    f = feats[idx]
+                yield {"features": f.to(self.device)}, labels[idx].to(self.device)
+        else:
+            ds = train_ds.with_transform(host.bb.transform(train=True))
+            loader = torch.utils.data.DataLoader(ds, batch_size=min(r.batch_size, len(ds)), shuffle=True,
+                                                 generator=g, drop_last=len(ds) >= r.batch_size, num_workers=0)
+            for x, y in loader:
+                yield {"images": x.to(self.device)}, y.to(self.device)
+
+    def _save(self, epoch: int, opt: torch.optim.Optimizer) -> None:
+        if not self.ckpt:
+            return
+        tensors = {f"state.{k}": v for k, v in self.host.trainable_state().items()}
+        params = [p for gr in opt.param_groups for p in gr["params"]]
+        for i, p in enumerate(params):
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    tensors[f"opt.{i}.{k}"] = v.reshape(1) if v.dim() == 0 else v
+        save_tensors(self.ckpt, tensors, {"format": "gramvl-train-checkpoint", "epoch": epoch,
+                                          "identity": self.identity, "history": self.history})
+
+    def _resume(self, opt: torch.optim.Optimizer) -> int:
+        if not self.ckpt or not self.ckpt.is_file():
+            return 0
+        tensors, meta = load_tensors(self.ckpt)
+        if not meta or meta.get("identity") != self.identity:
+            raise GramvlError(f"checkpoint {self.ckpt} belongs to another run (different config or backbone); "
+                              f"remove it or choose another output folder")
+        self.host.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
+        params = [p for gr in opt.param_groups for p in gr["params"]]
+        for i, p in enumerate(params):
+            st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+            if st:
+                opt.state[p] = {k: (v.reshape(()) if k == "step" else v) for k, v in st.items()}
+        self.history = meta.get("history", [])
+        return int(meta["epoch"])
+
+    def fit(self, train_ds: ImageDataset, on_epoch: Callable | None = None) -> dict:
+        host, r = self.host, self.recipe
+        torch.manual_seed(self.seed)
+        params = host.trainable_parameters()
+        if not params:
+            return {"epochs": 0, "steps": 0, "seconds": 0.0}
+        if host.image_side_frozen:
+            self._feats = image_features(host.bb, train_ds, train_views=r.train_views, seed=self.seed,
+                                         progress=self.progress)
+        opt = _optimizer(params, r)
+        start = self._resume(opt)
+        t0 = time.time()
+        steps = 0
+        n_batches = None
+        bar = tqdm(total=r.epochs, initial=start, desc=f"train {host.name}", disable=not self.progress,
+                   leave=False, mininterval=2)
+        for epoch in range(start, r.epochs):
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            host.train()
+            tot, cnt = 0.0, 0
+            batches = list(self._batches(train_ds, g))
+            n_batches = len(batches)
+            for b, (batch, y) in enumerate(batches):
+                lr = lr_at(r, epoch + b / max(1, n_batches))
+                for gr in opt.param_groups:
+                    gr["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                with self._autocast():
+                    loss = host.backward(batch, y)
+                opt.step()
+                tot += float(loss)
+                cnt += 1
+                steps += 1
+            self.history.append({"epoch": epoch + 1, "loss": tot / max(1, cnt), "lr": lr})
+            bar.update(1)
+            bar.set_postfix(loss=f"{tot / max(1, cnt):.3f}")
+            if on_epoch:
+                on_epoch(epoch + 1)
+            last = epoch + 1 == r.epochs
+            if last or (epoch + 1) % max(1, r.epochs // 10) == 0:
+                self._save(epoch + 1, opt)
+        bar.close()
+        host.eval()
+        return {"epochs": r.epochs, "resumed_from": start, "steps": steps, "seconds": time.time() - t0,
+                "steps_per_second": steps / max(1e-9, time.time() - t0), "batches_per_epoch": n_batches,
+                "final_loss": self.history[-1]["loss"] if self.history else None}
+
+
+@torch.no_grad()
+def predict(host: PromptLearner, ds: ImageDataset, batch_size: int = 512, progress: bool = False,
+            device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, C] and labels [N] of `host` on `ds` (cached features when the image side is frozen)."""
+    host.eval()
+    if host.image_side_frozen:
+        feats, labels = image_features(host.bb, ds, progress=progress)
+        outs = [host.logits({"features": feats[s:s + batch_size].to(device)}).float().cpu()
+                for s in range(0, len(feats), batch_size)]
+        return torch.cat(outs), labels
+    loader = torch.utils.data.DataLoader(ds.with_transform(host.bb.transform(False)), batch_size=min(batch_size, 256),
+                                         shuffle=False, num_workers=0)
+    outs, labs = [], []
+    for x, y in tqdm(loader, desc=f"eval {ds.key}", disable=not progress, leave=False):
+        outs.append(host.logits({"images": x.to(device)}).float().cpu())
+        labs.append(y)
+    return torch.cat(outs), torch.cat(labs)
+
+
+def evaluate(host: PromptLearner, ds: ImageDataset, device: str = "cpu") -> dict:
+    logits, labels = predict(host, ds, device=device)
+    return {"accuracy": float((logits.argmax(1) == labels).float().mean()), "n": int(len(labels)),
+            "num_classes": len(ds.classnames)}
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
+
+
+def run_identity(cfg: TrainConfig, bb: Backbone, recipe: Recipe) -> dict:
+    d = config_dict(cfg)
+    d.pop("device", None)
+    return {"config": _config_hash(d), "backbone": bb.ident, "recipe": _config_hash(asdict(recipe))}

@@ -1,0 +1,70 @@
+"""Plug a GRAM artifact into any host (SPEC 1.5): copy θ* into matching slots and regulate their gradients
+with the frozen ψ* through tensor hooks. The host's recipe is otherwise untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gramvl.errors import GramvlError
+from gramvl.gram.meta import ARTIFACT_FORMAT
+from gramvl.gram.regulator import RegulatorSet, modality_of
+from gramvl.io import load_tensors
+from gramvl.prompts.base import PromptLearner
+
+PARTS = ("both", "init", "regulator")
+
+
+def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], RegulatorSet | None, dict]:
+    """θ* tensors by slot name, the frozen ψ* (None if the artifact has none), and the sidecar."""
+    tensors, meta = load_tensors(path)
+    if not meta or meta.get("format") != ARTIFACT_FORMAT:
+        raise GramvlError(f"{path} is not a GRAM artifact (written by `gramvl meta-train`)")
+    theta = {k[len("theta."):]: v for k, v in tensors.items() if k.startswith("theta.")}
+    psi = None
+    if meta.get("regulator"):
+        r = meta["regulator"]
+        psi = RegulatorSet(r["widths"], rank=r["rank"], ctx_dim=r.get("ctx_dim", 0))
+        psi.load_state_dict({k[len("psi."):]: v for k, v in tensors.items() if k.startswith("psi.")})
+        psi.eval()
+        for p in psi.parameters():
+            p.requires_grad_(False)
+    return theta, psi, meta
+
+
+def attach(host: PromptLearner, artifact: str | Path, parts: str = "both") -> dict:
+    """Initialize the host's slots from θ* and/or hook ψ* onto their gradients; returns what was done."""
+    if parts not in PARTS:
+        raise GramvlError(f"--gram-parts must be one of {', '.join(PARTS)}, not {parts!r}")
+    theta, psi, meta = load_artifact(artifact)
+    if meta["backbone"] != host.bb.ident:
+        raise GramvlError(f"checkpoint from another backbone: GRAM artifact {artifact} was meta-trained on "
+                          f"{meta['backbone']}, the host uses {host.bb.ident}; re-run `gramvl meta-train` "
+                          f"with this model")
+    slots = host.slots()
+    matched = [n for n in theta if n in slots]
+    if not matched:
+        raise GramvlError(f"GRAM artifact {artifact} holds slots {sorted(theta)}, host {host.name} has "
+                          f"{sorted(slots)}: nothing to attach; meta-train with --host {host.name}")
+    done: dict = {"artifact": str(artifact), "parts": parts, "slots": matched, "init": [], "regulated": []}
+    for name in matched:
+        slot, src = slots[name], theta[name]
+        if slot.shape != src.shape:
+            if slot.dim() == src.dim() + 1 and slot.shape[1:] == src.shape:  # class-specific context
+                src = src.unsqueeze(0).expand_as(slot)
+            else:
+                raise GramvlError(
+                    f"prompt length mismatch: slot {name} of {host.name} has shape {tuple(slot.shape)}, the "
+                    f"artifact's is {tuple(theta[name].shape)}; set the host's context length to match "
+                    f"(e.g. --set host.n_ctx={theta[name].shape[-2]}) or re-run `gramvl meta-train`")
+        if parts in ("both", "init"):
+            with torch.no_grad():
+                slot.copy_(src)
+            done["init"].append(name)
+        if parts in ("both", "regulator") and psi is not None:
+            reg = psi.regs[modality_of(name)]
+            slot.register_hook(lambda g, reg=reg: reg(g).to(g.dtype))
+            done["regulated"].append(name)
+    host._gram_regulator = psi  # keep ψ alive with the host
+    return done

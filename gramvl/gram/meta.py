@@ -1,0 +1,289 @@
+"""Bi-level meta-training of a prompt initialization θ and a gradient regulator ψ_φ (SPEC 1.4).
+
+    inner (T_in steps, lr α):  θ' = θ − α · ψ_φ(∇_θ L_support(θ))
+    outer:  L = L_query(θ') + λ_x · L_shifted_query(θ')
+            θ ← Adam(∇_θ L),  φ ← Adam(∇_φ L)
+
+Everything runs through `torch.func.functional_call` over the host's slot dict only: the CLIP weights are
+never cloned. Second order (exact) or first order (the inner gradient is treated as a constant; φ still
+receives its exact gradient through ψ). Frozen-image hosts read cached corpus features; visual-prompt hosts
+read preprocessed corpus images.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm import tqdm
+
+from gramvl.errors import GramvlError
+from gramvl.gram.regulator import RegulatorSet, modality_of
+from gramvl.io import load_tensors, save_tensors, write_json
+from gramvl.prompts.base import HostConfig, PromptLearner
+
+ARTIFACT_FORMAT = "gramvl-gram-artifact"
+
+
+@dataclass
+class MetaConfig:
+    """Meta-training recipe; every [ours] default from SPEC 1.4 is a field here."""
+
+    host: str = "coop"
+    unigram: bool = False  # meta-learn text and visual slots jointly (host must have both)
+    steps: int = 600
+    meta_batch: int = 4
+    inner_steps: int = 1
+    inner_lr: float = 1.0
+    outer_lr_theta: float = 2e-3
+    outer_lr_phi: float = 1e-3
+    second_order: bool = True
+    shifted_weight: float = 1.0
+    use_regulator: bool = True
+    rank: int = 32
+    grad_clip: float = 1.0
+    time_budget_s: float = 0.0  # 0: no limit; otherwise stop (and save) after this many seconds
+    checkpoint_every: int = 50
+    seed: int = 0
+    host_cfg: HostConfig = field(default_factory=HostConfig)
+
+
+# ----------------------------------------------------------------------------------------- data access
+class CorpusBatches:
+    """Turns corpus indices into host batches: cached features, or preprocessed images for visual hosts."""
+
+    def __init__(self, image_features: torch.Tensor, paths: list[str] | None = None, bb=None,
+                 need_images: bool = False):
+        self.features = torch.as_tensor(np.asarray(image_features), dtype=torch.float32)
+        self.paths, self.bb, self.need_images = paths, bb, need_images
+        self._images: dict[int, torch.Tensor] = {}
+
+    def _image(self, i: int) -> torch.Tensor:
+        if i not in self._images:
+            from gramvl.data.base import load_image
+
+            if self.paths is None or self.bb is None:
+                raise GramvlError("visual-prompt hosts need the corpus images for meta-training")
+            self._images[i] = self.bb.transform(False)(load_image(self.paths[i]))
+        return self._images[i]
+
+    def batch(self, idx) -> dict:
+        idx = [int(i) for i in idx]
+        if self.need_images:
+            return {"images": torch.stack([self._image(i) for i in idx])}
+        return {"features": self.features[idx]}
+
+
+def slot_paths(host: PromptLearner, names: list[str] | None = None) -> dict[str, str]:
+    """Map slot name -> parameter path inside the host (what functional_call replaces)."""
+    by_id = {id(p): n for n, p in host.named_parameters()}
+    out = {}
+    for name, p in host.slots().items():
+        if names is not None and name not in names:
+            continue
+        if id(p) not in by_id:
+            raise GramvlError(f"slot {name} of host {host.name} is not a registered parameter")
+        out[name] = by_id[id(p)]
+    return out
+
+
+def meta_slots(host: PromptLearner, unigram: bool) -> list[str]:
+    """Slots GRAM meta-learns: text slots, visual slots, or both (UNIGRAM)."""
+    names = list(host.slots())
+    text = [n for n in names if modality_of(n) == "text"]
+    vis = [n for n in names if modality_of(n) == "vision"]
+    if unigram:
+        if not text or not vis:
+            raise GramvlError(f"--unigram needs a host with text and visual slots (ivlp, maple); "
+                              f"{host.name} has {names}")
+        return text + vis
+    return text or vis
+
+
+# ----------------------------------------------------------------------------------------- the loop
+def task_loss(host: PromptLearner, params: dict[str, torch.Tensor], batch: dict, labels: torch.Tensor,
+              paths: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = functional_call(host, {paths[k]: v for k, v in params.items()}, (batch,))
+    return F.cross_entropy(logits, labels), logits
+
+
+def inner_adapt(host: PromptLearner, theta: dict[str, torch.Tensor], psi: RegulatorSet | None, batch: dict,
+                labels: torch.Tensor, paths: dict[str, str], steps: int, lr: float, second_order: bool,
+                ctx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """θ' after `steps` regulated gradient steps on the support loss (differentiable in θ and φ)."""
+    params = dict(theta)
+    for _ in range(steps):
+        loss, _ = task_loss(host, params, batch, labels, paths)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
+        new = {}
+        for (name, p), g in zip(params.items(), grads, strict=True):
+            if not second_order:
+                g = g.detach()
+            new[name] = p - lr * (psi(name, g, ctx) if psi is not None else g)
+        params = new
+    return params
+
+
+def _widths(host: PromptLearner, names: list[str]) -> dict[str, int]:
+    slots = host.slots()
+    return {modality_of(n): int(slots[n].shape[-1]) for n in names}
+
+
+def _acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatches, out: str | Path,
+               extra_meta: dict | None = None, progress: bool = True) -> Path:
+    """Run the bi-level loop; write the artifact (θ*, ψ*) to `out` (safetensors + JSON). Resumable."""
+    out = Path(out)
+    ckpt = out.with_name(out.stem + ".ckpt.safetensors")
+    torch.manual_seed(cfg.seed)
+    names = meta_slots(host, cfg.unigram)
+    paths = slot_paths(host, names)
+    slots = host.slots()
+    theta = {n: torch.nn.Parameter(slots[n].detach().clone()) for n in names}
+    psi = RegulatorSet(_widths(host, names), rank=cfg.rank) if cfg.use_regulator else None
+    opt_t = torch.optim.Adam(theta.values(), lr=cfg.outer_lr_theta)
+    opt_p = torch.optim.Adam(psi.parameters(), lr=cfg.outer_lr_phi) if psi is not None else None
+    for p in host.parameters():
+        p.requires_grad_(False)
+    history: list[dict] = []
+    start, elapsed = 0, 0.0
+    if ckpt.is_file():
+        tensors, meta = load_tensors(ckpt)
+        if meta and meta.get("config") == _jsonable(asdict(cfg)):
+            for n in names:
+                theta[n].data.copy_(tensors[f"theta.{n}"])
+            if psi is not None:
+                psi.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("psi.")})
+            start, elapsed, history = meta["step"], meta["seconds"], meta["history"]
+            if progress:
+                print(f"resuming meta-training at step {start}")
+    rng = np.random.default_rng(cfg.seed + 7919 * start)
+    t0 = time.time() - elapsed
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"meta-train {host.name}", disable=not progress,
+               mininterval=2)
+    step = start
+    for step in range(start, cfg.steps):
+        opt_t.zero_grad(set_to_none=True)
+        if opt_p:
+            opt_p.zero_grad(set_to_none=True)
+        rec = {"loss": 0.0, "pre_acc": 0.0, "post_acc": 0.0, "shift_acc": 0.0}
+        for _ in range(cfg.meta_batch):
+            task = sampler.sample(rng)
+            sup = data.batch(task.support_idx)
+            qry = data.batch(task.query_idx)
+            ys = torch.as_tensor(task.support_labels, dtype=torch.long)
+            yq = torch.as_tensor(task.query_labels, dtype=torch.long)
+            host.set_classnames(task.classnames)
+            adapted = inner_adapt(host, theta, psi, sup, ys, paths, cfg.inner_steps, cfg.inner_lr,
+                                  cfg.second_order)
+            lq, lg = task_loss(host, adapted, qry, yq, paths)
+            with torch.no_grad():
+                _, pre = task_loss(host, theta, qry, yq, paths)
+            rec["pre_acc"] += _acc(pre, yq) / cfg.meta_batch
+            rec["post_acc"] += _acc(lg, yq) / cfg.meta_batch
+            loss = lq
+            if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
+                host.set_classnames(task.shift_classnames)
+                ysh = torch.as_tensor(task.shift_labels, dtype=torch.long)
+                lsh, lgs = task_loss(host, adapted, data.batch(task.shift_idx), ysh, paths)
+                loss = loss + cfg.shifted_weight * lsh
+                rec["shift_acc"] += _acc(lgs, ysh) / cfg.meta_batch
+            (loss / cfg.meta_batch).backward()
+            rec["loss"] += float(loss) / cfg.meta_batch
+        torch.nn.utils.clip_grad_norm_(list(theta.values()), cfg.grad_clip)
+        opt_t.step()
+        if opt_p:
+            torch.nn.utils.clip_grad_norm_(list(psi.parameters()), cfg.grad_clip)
+            opt_p.step()
+        rec["step"] = step + 1
+        history.append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", post=f"{rec['post_acc']:.2f}")
+        done = step + 1 == cfg.steps
+        over = cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s
+        if (step + 1) % cfg.checkpoint_every == 0 or done or over:
+            _save_ckpt(ckpt, theta, psi, cfg, step + 1, time.time() - t0, history)
+        if over:
+            break
+    bar.close()
+    seconds = time.time() - t0
+    diag = regulator_diagnostics(host, theta, psi, sampler, data, paths, np.random.default_rng(cfg.seed + 1))
+    sidecar = {"format": ARTIFACT_FORMAT, "host": cfg.host, "unigram": cfg.unigram,
+               "backbone": host.bb.ident, "slots": {n: list(theta[n].shape) for n in names},
+               "regulator": psi.config() if psi is not None else None, "config": _jsonable(asdict(cfg)),
+               "steps_done": len(history), "seconds": round(seconds, 1), "curve": _curve(history),
+               "psi_diagnostics": diag, **(extra_meta or {})}
+    tensors = {f"theta.{n}": theta[n].detach() for n in names}
+    if psi is not None:
+        tensors.update({f"psi.{k}": v for k, v in psi.state_dict().items()})
+    save_tensors(out, tensors, sidecar)
+    write_json(out.with_name(out.stem + ".history.json"), history)
+    return out
+
+
+def _save_ckpt(path: Path, theta, psi, cfg: MetaConfig, step: int, seconds: float, history: list) -> None:
+    tensors = {f"theta.{n}": p.detach() for n, p in theta.items()}
+    if psi is not None:
+        tensors.update({f"psi.{k}": v for k, v in psi.state_dict().items()})
+    save_tensors(path, tensors, {"config": _jsonable(asdict(cfg)), "step": step, "seconds": seconds,
+                                 "history": history})
+
+
+def _jsonable(d):
+    import json
+
+    return json.loads(json.dumps(d, default=str))
+
+
+def _curve(history: list[dict], points: int = 50) -> list[dict]:
+    """The training curve, averaged into at most `points` windows (kept in the artifact sidecar)."""
+    if not history:
+        return []
+    w = max(1, math.ceil(len(history) / points))
+    out = []
+    for s in range(0, len(history), w):
+        chunk = history[s:s + w]
+        out.append({"step": chunk[-1]["step"], **{k: float(np.mean([h[k] for h in chunk]))
+                                                   for k in ("loss", "pre_acc", "post_acc", "shift_acc")}})
+    return out
+
+
+def regulator_diagnostics(host, theta, psi, sampler, data, paths, rng, tasks: int = 16) -> dict:
+    """ψ* on real support gradients: cosine to identity, norm ratio, gate; plus inner-step gains with/without ψ."""
+    if psi is None:
+        return {}
+    stats: dict[str, list] = {}
+    gain_psi, gain_raw = [], []
+    for _ in range(tasks):
+        task = sampler.sample(rng)
+        host.set_classnames(task.classnames)
+        sup, qry = data.batch(task.support_idx), data.batch(task.query_idx)
+        ys = torch.as_tensor(task.support_labels, dtype=torch.long)
+        yq = torch.as_tensor(task.query_labels, dtype=torch.long)
+        th = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+        loss, _ = task_loss(host, th, sup, ys, paths)
+        grads = torch.autograd.grad(loss, list(th.values()))
+        for (name, _), g in zip(th.items(), grads, strict=True):
+            for k, v in psi.regs[modality_of(name)].diagnostics(g).items():
+                stats.setdefault(f"{modality_of(name)}.{k}", []).append(v)
+        with torch.no_grad():
+            base, _ = task_loss(host, th, qry, yq, paths)
+        lr = 1.0
+        a = inner_adapt(host, theta, psi, sup, ys, paths, 1, lr, False)
+        b = inner_adapt(host, theta, None, sup, ys, paths, 1, lr, False)
+        with torch.no_grad():
+            gain_psi.append(float(base - task_loss(host, a, qry, yq, paths)[0]))
+            gain_raw.append(float(base - task_loss(host, b, qry, yq, paths)[0]))
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    out["query_loss_drop_with_psi"] = float(np.mean(gain_psi))
+    out["query_loss_drop_raw_gradient"] = float(np.mean(gain_raw))
+    return out

@@ -1,0 +1,146 @@
+"""Prompt slots reproduce plain CLIP encoding exactly, for real architectures and the small model."""
+
+import pytest
+import torch
+
+from gramvl.backbone import load_backbone
+from gramvl.errors import GramvlError
+
+NAMES = ["cat", "golden retriever", "t-shirt", "ankle boot"]
+
+
+@pytest.fixture(params=["vit_b16", "vit_b32", "small_random_backbone"])
+def bb(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_context_of_a_photo_of_a_reproduces_encode_text(bb):
+    with torch.no_grad():
+        ref = bb.encode_texts([f"a photo of a {c}." for c in NAMES])
+        cp = bb.class_prompts(NAMES, 4)
+        out = bb.prompted_text_features(cp, bb.token_embeddings("a photo of a"))
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_class_token_front_and_middle_positions_match_the_written_prompt(bb):
+    ctx = bb.token_embeddings("a photo of a")
+    with torch.no_grad():
+        front = bb.prompted_text_features(bb.class_prompts(NAMES, 4, "front"), ctx)
+        mid = bb.prompted_text_features(bb.class_prompts(NAMES, 4, "middle"), ctx)
+        ref_front = bb.encode_texts([f"{c} a photo of a." for c in NAMES])
+        ref_mid = bb.encode_texts([f"a photo {c} of a." for c in NAMES])
+    assert (front - ref_front).abs().max().item() < 1e-5
+    assert (mid - ref_mid).abs().max().item() < 1e-5
+
+
+def test_empty_visual_prompts_reproduce_encode_image(bb):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, bb.image_size, bb.image_size)
+    with torch.no_grad():
+        ref = bb.encode_image(x)
+        out = bb.encode_image(x, prompts=torch.zeros(0, bb.vision_width))
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_deep_text_prompts_equal_to_the_hidden_states_change_nothing(small_random_backbone):
+    bb = small_random_backbone
+    cp = bb.class_prompts(NAMES, 4)
+    ctx = torch.randn(4, bb.text_width) * 0.02
+    hidden = []
+    blocks = bb._text.transformer.resblocks
+    hooks = [b.register_forward_pre_hook(lambda m, a, kw: hidden.append(a[0].detach().clone()), with_kwargs=True)
+             for b in blocks]
+    with torch.no_grad():
+        ref = bb.prompted_text_features(cp, ctx)
+    for h in hooks:
+        h.remove()
+    # hidden[i]: input of block i, [C, L, d]; reuse its context rows as class-specific deep prompts
+    deep = [hidden[i][:, 1:5] for i in range(1, 3)]
+    with torch.no_grad():
+        out = bb.prompted_text_features(cp, ctx, deep=deep)
+        other = bb.prompted_text_features(cp, ctx, deep=[torch.randn(4, bb.text_width)])
+    assert (out - ref).abs().max().item() < 1e-5
+    assert (other - ref).abs().max().item() > 1e-3
+
+
+def test_deep_visual_prompts_change_features_and_get_gradients(vit_b16):
+    bb = vit_b16
+    x = torch.randn(2, 3, bb.image_size, bb.image_size)
+    p = torch.zeros(2, bb.vision_width, requires_grad=True)
+    deep = [torch.zeros(2, bb.vision_width, requires_grad=True) for _ in range(bb.vision_layers - 1)]
+    f = bb.encode_image(x, prompts=p, deep=deep)
+    f.sum().backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    assert deep[-1].grad is not None and deep[-1].grad.abs().sum() > 0
+    assert bb.vision_width == 768 and bb.vision_layers == 12
+
+
+def test_chunked_and_checkpointed_text_encoding_matches_and_backpropagates(small_random_backbone):
+    bb = small_random_backbone
+    names = [f"class {i}" for i in range(10)]
+    cp = bb.class_prompts(names, 4)
+    ctx = torch.randn(4, bb.text_width, requires_grad=True)
+    full = bb.prompted_text_features(cp, ctx, chunk_size=None)
+    chunked = bb.prompted_text_features(cp, ctx, chunk_size=3, checkpoint=True)
+    assert (full - chunked).abs().max().item() < 1e-5
+    g1 = torch.autograd.grad(full.sum(), ctx)[0]
+    g2 = torch.autograd.grad(chunked.sum(), ctx)[0]
+    assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_batched_conditional_context_gives_one_text_set_per_image(small_random_backbone):
+    bb = small_random_backbone
+    cp = bb.class_prompts(NAMES, 4)
+    ctx = torch.randn(3, 1, 4, bb.text_width)
+    out = bb.prompted_text_features(cp, ctx)
+    assert out.shape == (3, len(NAMES), bb.embed_dim)
+    single = bb.prompted_text_features(cp, ctx[1, 0])
+    assert (out[1] - single).abs().max().item() < 1e-5
+
+
+def test_prompt_too_long_for_context_is_a_clear_error(small_random_backbone):
+    with pytest.raises(GramvlError, match="prompt length mismatch"):
+        small_random_backbone.class_prompts(["word " * 40], 4)
+
+
+def test_context_of_wrong_width_is_a_clear_error(small_random_backbone):
+    bb = small_random_backbone
+    with pytest.raises(GramvlError, match="prompt length mismatch"):
+        bb.prompted_text_features(bb.class_prompts(NAMES, 4), torch.zeros(4, bb.text_width + 1))
+
+
+def test_missing_weights_file_says_how_to_obtain_it(tmp_path):
+    with pytest.raises(GramvlError, match="never downloads"):
+        load_backbone("ViT-B-32", tmp_path / "nope.pt")
+    with pytest.raises(GramvlError, match="no weights file"):
+        load_backbone("ViT-B-32")
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(GramvlError, match="unknown model"):
+        load_backbone("ViT-Q-99", "random")
+
+
+def test_weights_round_trip_and_wrong_backbone_is_detected(tmp_path, vit_b32):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in vit_b32.model.state_dict().items() if k != "attn_mask"}
+    st = tmp_path / "b32.safetensors"
+    save_file(sd, str(st))
+    pt = tmp_path / "b32.bin"
+    torch.save(sd, pt)
+    for f in (st, pt):
+        bb = load_backbone("ViT-B-32", f)
+        x = torch.randn(1, 3, 224, 224)
+        with torch.no_grad():
+            assert torch.allclose(bb.encode_image(x), vit_b32.encode_image(x), atol=1e-5)
+    with pytest.raises(GramvlError, match="checkpoint from another backbone"):
+        load_backbone("ViT-B-16", st)
+
+
+def test_corrupt_weights_file_is_a_clear_error(tmp_path):
+    f = tmp_path / "bad.safetensors"
+    f.write_bytes(b"not a safetensors file")
+    with pytest.raises(GramvlError, match="not a valid safetensors"):
+        load_backbone("ViT-B-32", f)

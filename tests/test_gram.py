@@ -1,0 +1,234 @@
+"""GRAM core: the regulator, the bi-level meta-gradient, attach, and the artifact."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gramvl.errors import GramvlError
+from gramvl.gram.attach import attach, load_artifact
+from gramvl.gram.meta import CorpusBatches, MetaConfig, inner_adapt, meta_train, slot_paths, task_loss
+from gramvl.gram.regulator import Regulator, RegulatorSet
+from gramvl.prompts.base import PromptLearner
+
+
+class ToyHost(PromptLearner):
+    """A tiny differentiable host: class embeddings are a fixed function of the text slot."""
+
+    name = "toy"
+
+    def __init__(self, dim=6, n_ctx=2, width=5, extra=True):
+        super().__init__(SimpleNamespace(ident="toy-backbone"), ["a", "b", "c"])
+        g = torch.Generator().manual_seed(0)
+        self.text_ctx = nn.Parameter(torch.randn(n_ctx, width, generator=g) * 0.5)
+        self.mix = nn.Parameter(torch.randn(n_ctx * width, dim, generator=g) * 0.5, requires_grad=extra)
+        self.class_codes = torch.randn(26, dim, generator=g)
+        self.frozen_weight = nn.Parameter(torch.randn(dim, dim, generator=g) * 0.3, requires_grad=False)
+
+    def slots(self):
+        return {"text_ctx": self.text_ctx}
+
+    def logits(self, batch):
+        base = torch.tanh(self.text_ctx.reshape(-1) @ self.mix)
+        idx = [ord(c[0]) - 97 for c in self.classnames]
+        cls = self.class_codes[idx] * (1 + base)
+        return (batch["features"] @ self.frozen_weight) @ cls.T
+
+
+class ToySampler:
+    def __init__(self, n=60):
+        self.n = n
+
+    def sample(self, rng):
+        idx = rng.permutation(self.n)
+        return SimpleNamespace(classnames=["a", "b", "c"], support_idx=idx[:6], support_labels=[0, 1, 2] * 2,
+                               query_idx=idx[6:12], query_labels=[0, 1, 2] * 2, shift_classnames=["d", "e", "f"],
+                               shift_idx=idx[12:18], shift_labels=[2, 1, 0] * 2)
+
+
+def test_regulator_is_identity_at_init():
+    torch.manual_seed(0)
+    g = torch.randn(7, 4, 16)
+    reg = Regulator(16, rank=8)
+    assert torch.allclose(reg(g), g, atol=1e-6)
+
+
+def test_regulator_preserves_row_norms_and_changes_directions_once_trained():
+    torch.manual_seed(0)
+    reg = Regulator(16, rank=8, gate_init=0.0)
+    nn.init.normal_(reg.up.weight, std=1.0)
+    g = torch.randn(5, 16) * torch.rand(5, 1) * 10
+    out = reg(g)
+    assert torch.allclose(out.norm(dim=-1), g.norm(dim=-1), rtol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(out, g, dim=-1)
+    assert cos.max() < 0.999
+
+
+def test_context_conditions_the_regulator():
+    torch.manual_seed(0)
+    reg = Regulator(8, rank=4, ctx_dim=3, gate_init=0.0)
+    nn.init.normal_(reg.up.weight)
+    nn.init.normal_(reg.film.weight)
+    nn.init.normal_(reg.gate_ctx.weight)
+    g = torch.randn(4, 8)
+    a, b = reg(g, torch.tensor([1.0, 0.0, 0.0])), reg(g, torch.tensor([0.0, 1.0, -1.0]))
+    assert (a - b).abs().max() > 1e-3
+
+
+def _meta_loss(host, theta, psi, data, task, second_order, lr=0.7, steps=2):
+    paths = slot_paths(host)
+    ys = torch.as_tensor(task.support_labels)
+    yq = torch.as_tensor(task.query_labels)
+    adapted = inner_adapt(host, theta, psi, data.batch(task.support_idx), ys, paths, steps, lr, second_order)
+    return task_loss(host, adapted, data.batch(task.query_idx), yq, paths)[0]
+
+
+def test_second_order_meta_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    host = ToyHost().double()
+    host.class_codes = host.class_codes.double()
+    data = CorpusBatches(torch.randn(60, 6).double())
+    data.features = data.features.double()
+    psi = RegulatorSet({"text": 5}, rank=3).double()
+    nn.init.normal_(psi.regs["text"].up.weight, std=0.5)
+    with torch.no_grad():
+        psi.regs["text"].gate.fill_(0.3)
+    task = ToySampler().sample(np.random.default_rng(0))
+    theta = {"text_ctx": host.text_ctx.detach().clone().requires_grad_(True)}
+    loss = _meta_loss(host, theta, psi, data, task, second_order=True)
+    g_theta = torch.autograd.grad(loss, [theta["text_ctx"]], retain_graph=True)[0]
+    w = psi.regs["text"].down.weight
+    g_phi = torch.autograd.grad(loss, [w])[0]
+    eps = 1e-6
+    for (i, j) in [(0, 0), (1, 3), (0, 4)]:
+        tp = {"text_ctx": theta["text_ctx"].detach().clone()}
+        tm = {"text_ctx": theta["text_ctx"].detach().clone()}
+        tp["text_ctx"][i, j] += eps
+        tm["text_ctx"][i, j] -= eps
+        tp["text_ctx"].requires_grad_(True)
+        tm["text_ctx"].requires_grad_(True)
+        fd = (_meta_loss(host, tp, psi, data, task, True) - _meta_loss(host, tm, psi, data, task, True)) / (2 * eps)
+        assert abs(fd.item() - g_theta[i, j].item()) < 1e-6 * max(1.0, abs(fd.item())) + 1e-8
+    for (i, j) in [(0, 0), (2, 1)]:
+        with torch.no_grad():
+            w[i, j] += eps
+        lp = _meta_loss(host, theta, psi, data, task, True)
+        with torch.no_grad():
+            w[i, j] -= 2 * eps
+        lm = _meta_loss(host, theta, psi, data, task, True)
+        with torch.no_grad():
+            w[i, j] += eps
+        fd = (lp - lm) / (2 * eps)
+        assert abs(fd.item() - g_phi[i, j].item()) < 1e-6 * max(1.0, abs(fd.item())) + 1e-8
+
+
+def test_first_order_differs_from_second_order_but_phi_still_gets_gradient():
+    torch.manual_seed(0)
+    host = ToyHost()
+    data = CorpusBatches(torch.randn(60, 6))
+    psi = RegulatorSet({"text": 5}, rank=3)
+    nn.init.normal_(psi.regs["text"].up.weight, std=0.5)
+    task = ToySampler().sample(np.random.default_rng(0))
+    grads = {}
+    for so in (True, False):
+        theta = {"text_ctx": host.text_ctx.detach().clone().requires_grad_(True)}
+        loss = _meta_loss(host, theta, psi, data, task, so)
+        gt, gw = torch.autograd.grad(loss, [theta["text_ctx"], psi.regs["text"].up.weight])
+        grads[so] = (gt, gw)
+        assert gw.abs().sum() > 0
+    assert (grads[True][0] - grads[False][0]).abs().max() > 1e-6
+
+
+def _artifact(tmp_path, steps=3, **kw):
+    host = ToyHost()
+    cfg = MetaConfig(host="toy", steps=steps, meta_batch=2, inner_lr=0.5, **kw)
+    out = meta_train(cfg, host, ToySampler(), CorpusBatches(torch.randn(60, 6)), tmp_path / "gram.safetensors",
+                     progress=False)
+    return host, out
+
+
+def test_artifact_round_trips_and_records_diagnostics(tmp_path):
+    host, out = _artifact(tmp_path)
+    theta, psi, meta = load_artifact(out)
+    assert meta["backbone"] == "toy-backbone" and meta["slots"] == {"text_ctx": [2, 5]}
+    assert meta["steps_done"] == 3 and len(meta["curve"]) == 3
+    assert "text.cos_to_identity_mean" in meta["psi_diagnostics"]
+    g = torch.randn(2, 5)
+    # the artifact's ψ equals the trained one: re-running from the checkpoint gives the same outputs
+    _, psi2, _ = load_artifact(out)
+    assert torch.allclose(psi.regs["text"](g), psi2.regs["text"](g))
+    assert not torch.allclose(theta["text_ctx"], ToyHost().text_ctx.detach())
+
+
+def test_meta_training_resumes_from_its_checkpoint(tmp_path):
+    _, out = _artifact(tmp_path, steps=2, checkpoint_every=1)
+    theta_a, _, meta_a = load_artifact(out)
+    # extending the run to 4 steps resumes at step 2 instead of starting over
+    host = ToyHost()
+    cfg = MetaConfig(host="toy", steps=4, meta_batch=2, inner_lr=0.5, checkpoint_every=1)
+    ck = out.with_name(out.stem + ".ckpt.safetensors")
+    assert ck.is_file()
+    out2 = meta_train(cfg, host, ToySampler(), CorpusBatches(torch.randn(60, 6)), tmp_path / "gram2.safetensors",
+                      progress=False)
+    assert load_artifact(out2)[2]["steps_done"] == 4
+
+
+def test_attach_changes_exactly_the_slot_gradients(tmp_path):
+    _, out = _artifact(tmp_path)
+    theta, psi, _ = load_artifact(out)
+    with torch.no_grad():  # make ψ visibly non-identity
+        nn.init.normal_(psi.regs["text"].up.weight, std=1.0)
+        psi.regs["text"].gate.fill_(-2.0)
+    from gramvl.io import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(out)
+    tensors.update({f"psi.{k}": v for k, v in psi.state_dict().items()})
+    save_tensors(out, tensors, meta)
+
+    x = torch.randn(4, 6)
+    y = torch.tensor([0, 1, 2, 0])
+    plain = ToyHost()
+    with torch.no_grad():
+        plain.text_ctx.copy_(theta["text_ctx"])
+    torch.nn.functional.cross_entropy(plain.logits({"features": x}), y).backward()
+    hosted = ToyHost()
+    info = attach(hosted, out)
+    assert info["init"] == ["text_ctx"] and info["regulated"] == ["text_ctx"]
+    assert torch.allclose(hosted.text_ctx, theta["text_ctx"])
+    torch.nn.functional.cross_entropy(hosted.logits({"features": x}), y).backward()
+    expected = psi.regs["text"](plain.text_ctx.grad)
+    assert torch.allclose(hosted.text_ctx.grad, expected, atol=1e-6)
+    assert not torch.allclose(hosted.text_ctx.grad, plain.text_ctx.grad, atol=1e-4)
+    assert torch.allclose(hosted.mix.grad, plain.mix.grad)  # host extras untouched
+    assert hosted.frozen_weight.grad is None
+
+
+def test_attach_parts_init_only_and_regulator_only(tmp_path):
+    _, out = _artifact(tmp_path)
+    theta, _, _ = load_artifact(out)
+    h = ToyHost()
+    before = h.text_ctx.detach().clone()
+    info = attach(h, out, parts="regulator")
+    assert info["init"] == [] and torch.equal(h.text_ctx.detach(), before)
+    h2 = ToyHost()
+    info2 = attach(h2, out, parts="init")
+    assert info2["regulated"] == [] and torch.allclose(h2.text_ctx, theta["text_ctx"])
+
+
+def test_attach_rejects_other_backbone_and_other_slot_shape(tmp_path):
+    _, out = _artifact(tmp_path)
+    other = ToyHost()
+    other.bb = SimpleNamespace(ident="ViT-B-16:abc")
+    with pytest.raises(GramvlError, match="checkpoint from another backbone"):
+        attach(other, out)
+    wrong = ToyHost(n_ctx=3)
+    with pytest.raises(GramvlError, match="prompt length mismatch"):
+        attach(wrong, out)
+    with pytest.raises(GramvlError, match="not a GRAM artifact"):
+        bad = tmp_path / "x.safetensors"
+        from gramvl.io import save_tensors
+
+        save_tensors(bad, {"a": torch.zeros(1)}, {"format": "something"})
+        attach(ToyHost(), bad)
