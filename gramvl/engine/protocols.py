@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,6 @@ from gramvl.engine.train import TrainConfig, Trainer, evaluate, resolved_recipe,
 from gramvl.errors import GramvlError
 from gramvl.io import write_json, write_text
 from gramvl.prompts import HOSTS, build_host
-from gramvl.prompts.base import HostConfig
 
 PROTOCOLS = ("fewshot", "base2new", "xd", "dg")
 
@@ -50,7 +50,7 @@ class ProtocolConfig:
     train_views: int | None = None
     gram: str | None = None
     gram_parts: str = "both"
-    host: HostConfig = field(default_factory=HostConfig)
+    host: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_targets(p: ProtocolConfig) -> list[str]:
@@ -68,7 +68,7 @@ def _train_cfg(p: ProtocolConfig, dataset: str, shots: int, seed: int, subsample
                        model=p.model, weights=p.weights, data_root=p.data_root, epochs=p.epochs, lr=p.lr,
                        batch_size=p.batch_size, train_views=p.train_views, device=p.device,
                        precision=p.precision, gram=p.gram, gram_parts=p.gram_parts,
-                       host=replace(p.host, seed=seed))
+                       host={**p.host, "seed": seed})
 
 
 def train_host(cfg: TrainConfig, bb: Backbone, ckpt: Path | None = None, progress: bool = True):

@@ -3,6 +3,7 @@ resume, autocast on GPU, progress bars. Frozen-image hosts train on cached featu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -19,7 +21,7 @@ from gramvl.data.base import ImageDataset
 from gramvl.data.features import image_features
 from gramvl.errors import GramvlError
 from gramvl.io import load_tensors, save_tensors
-from gramvl.prompts.base import HostConfig, PromptLearner, Recipe
+from gramvl.prompts.base import PromptLearner, Recipe
 
 
 @dataclass
@@ -43,7 +45,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; GPU only)
     gram: str | None = None  # GRAM artifact to attach
     gram_parts: str = "both"  # both | init | regulator (ablations)
-    host: HostConfig = field(default_factory=HostConfig)
+    host: dict[str, Any] = field(default_factory=dict)  # overrides of the method's paper defaults
 
 
 def resolved_recipe(host_cls, cfg: TrainConfig) -> Recipe:
@@ -194,6 +196,12 @@ def predict(host: PromptLearner, ds: ImageDataset, batch_size: int = 512, progre
             device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, C] and labels [N] of `host` on `ds` (cached features when the image side is frozen)."""
     host.eval()
+    frozen = host.frozen_text() if hasattr(host, "frozen_text") else contextlib.nullcontext()
+    with frozen:
+        return _predict(host, ds, batch_size, progress, device)
+
+
+def _predict(host, ds, batch_size, progress, device):
     if host.image_side_frozen:
         feats, labels = image_features(host.bb, ds, progress=progress)
         outs = [host.logits({"features": feats[s:s + batch_size].to(device)}).float().cpu()

@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from gramvl.errors import GramvlError
 from gramvl.gram.regulator import RegulatorSet, modality_of
 from gramvl.io import load_tensors, save_tensors, write_json
-from gramvl.prompts.base import HostConfig, PromptLearner
+from gramvl.prompts.base import PromptLearner
 
 ARTIFACT_FORMAT = "gramvl-gram-artifact"
 
@@ -51,7 +52,7 @@ class MetaConfig:
     time_budget_s: float = 0.0  # 0: no limit; otherwise stop (and save) after this many seconds
     checkpoint_every: int = 50
     seed: int = 0
-    host_cfg: HostConfig = field(default_factory=HostConfig)
+    host_cfg: dict[str, Any] = field(default_factory=dict)  # overrides of the host's paper defaults
 
 
 # ----------------------------------------------------------------------------------------- data access
