@@ -205,6 +205,48 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. host.n_ctx=16")
 
 
+def cmd_meta_train(args) -> int:
+    from gramvl.config import build_config
+    from gramvl.gram.pipeline import MetaTrainJob, run_meta_train
+
+    if getattr(args, "tta", False):
+        from gramvl.tta.cli import meta_tta_main
+
+        return meta_tta_main(args)
+    job = build_config(MetaTrainJob, args.config, {"corpus": args.corpus, "model": args.model,
+                                                   "weights": args.weights, "hierarchy": args.hierarchy},
+                       _overrides(args) + [f"meta.host={args.host}", f"meta.unigram={args.unigram}"]
+                       + ([f"meta.steps={args.steps}"] if args.steps else [])
+                       + ([f"meta.time_budget_s={args.time_budget}"] if args.time_budget else [])
+                       + (["meta.second_order=false"] if args.first_order else [])
+                       + (["meta.use_regulator=false"] if args.no_regulator else [])
+                       + (["meta.shifted_weight=0", "tasks.shifted_query=false"] if args.no_shifted_query else [])
+                       + (["tasks.complexity_informed=false"] if args.no_complexity else []))
+    out = run_meta_train(job, args.out, progress=not args.quiet)
+    import json
+
+    meta = json.loads(out.with_suffix(".json").read_text())
+    print(f"GRAM artifact: {out} ({meta['steps_done']} meta-steps, {meta['seconds']:.0f} s)")
+    print("psi diagnostics: " + json.dumps(meta.get("psi_diagnostics", {}), indent=1))
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from gramvl.backbone import load_backbone
+    from gramvl.config import build_config
+    from gramvl.gram.cmhc import CMHCConfig
+    from gramvl.gram.pipeline import build_hierarchy, corpus_features
+
+    cfg = build_config(CMHCConfig, None, None, _overrides(args))
+    bb = load_backbone(args.model, args.weights)
+    feats = corpus_features(bb, args.corpus, progress=not args.quiet)
+    h = build_hierarchy(feats, args.hierarchy, cfg, progress=not args.quiet)
+    path = h.save(args.out)
+    print(h.summary())
+    print(f"hierarchy written to {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from gramvl.demo import run_demo
 
@@ -281,6 +323,32 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="rebuild summary tables and plots of a protocol folder from its records")
     rp.add_argument("dir")
     rp.set_defaults(func=cmd_report)
+
+    mt = sub.add_parser("meta-train", help="meta-learn a prompt init and gradient regulator (GRAM)")
+    _add_model_args(mt)
+    mt.add_argument("--host", default="coop", help="coop, cocoop, vpt, maple, ivlp, ...")
+    mt.add_argument("--unigram", action="store_true", help="text and visual slots jointly (UNIGRAM)")
+    mt.add_argument("--corpus", default="world", help="'world' or a CSV/TSV file of image path, caption")
+    mt.add_argument("--hierarchy", default="cmhc", choices=["cmhc", "flat", "random"])
+    mt.add_argument("--steps", type=int, default=None)
+    mt.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    mt.add_argument("--first-order", action="store_true")
+    mt.add_argument("--no-regulator", action="store_true", help="ablation: learn the init only (MAML)")
+    mt.add_argument("--no-shifted-query", action="store_true", help="ablation: no cross-domain query")
+    mt.add_argument("--no-complexity", action="store_true", help="ablation: uniform task construction")
+    mt.add_argument("--tta", action="store_true", help="meta-train for test-time tuning (structure-induced)")
+    mt.add_argument("--config", default=None)
+    mt.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. meta.inner_lr=0.5")
+    mt.add_argument("--out", required=True, help="artifact path (.safetensors; a .json sidecar is written)")
+    mt.set_defaults(func=cmd_meta_train)
+
+    cl = sub.add_parser("cluster", help="cross-modal hierarchical clustering of an image-text corpus")
+    _add_model_args(cl)
+    cl.add_argument("--corpus", default="world")
+    cl.add_argument("--hierarchy", default="cmhc", choices=["cmhc", "flat", "random"])
+    cl.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="CMHC options, e.g. k1=12")
+    cl.add_argument("--out", required=True)
+    cl.set_defaults(func=cmd_cluster)
 
     dm = sub.add_parser("demo", help="the main job on the embedded default")
     dm.add_argument("--out", default="runs/demo")

@@ -44,7 +44,7 @@ class ToySampler:
     def sample(self, rng):
         idx = rng.permutation(self.n)
         return SimpleNamespace(classnames=["a", "b", "c"], support_idx=idx[:6], support_labels=[0, 1, 2] * 2,
-                               query_idx=idx[6:12], query_labels=[0, 1, 2] * 2, shift_classnames=["d", "e", "f"],
+                               query_idx=idx[6:12], query_labels=[0, 1, 2] * 2, classnames_shift=["d", "e", "f"],
                                shift_idx=idx[12:18], shift_labels=[2, 1, 0] * 2)
 
 

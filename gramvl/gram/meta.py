@@ -193,7 +193,7 @@ def meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatche
             rec["post_acc"] += _acc(lg, yq) / cfg.meta_batch
             loss = lq
             if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
-                host.set_classnames(task.shift_classnames)
+                host.set_classnames(task.classnames_shift)
                 ysh = torch.as_tensor(task.shift_labels, dtype=torch.long)
                 lsh, lgs = task_loss(host, adapted, data.batch(task.shift_idx), ysh, paths)
                 loss = loss + cfg.shifted_weight * lsh

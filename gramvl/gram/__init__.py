@@ -1,0 +1,1 @@
+"""GRAM: meta-training corpus features, cross-modal hierarchical clustering, meta-task sampling and more."""

@@ -1,0 +1,108 @@
+"""`gramvl cluster` and `gramvl meta-train`: corpus -> features -> CMHC -> meta-tasks -> bi-level loop."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gramvl.backbone import Backbone
+from gramvl.errors import GramvlError
+from gramvl.gram.cmhc import CMHCConfig, Hierarchy, cmhc
+from gramvl.gram.corpus import CorpusFeatures, encode_corpus
+from gramvl.gram.meta import CorpusBatches, MetaConfig, meta_train
+from gramvl.gram.tasks import TaskConfig, TaskSampler
+from gramvl.paths import cache_dir
+from gramvl.prompts import build_host
+
+HIERARCHIES = ("cmhc", "flat", "random")
+
+
+@dataclass
+class MetaTrainJob:
+    """Everything `gramvl meta-train` needs; ablations are fields."""
+
+    corpus: str = "world"  # 'world' (the embedded meta-training corpus) or a CSV/TSV file of path,caption
+    model: str = "small"
+    weights: str | None = None
+    hierarchy: str = "cmhc"  # cmhc | flat | random (ablations)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    cmhc: CMHCConfig = field(default_factory=CMHCConfig)
+
+
+def load_pairs(corpus: str) -> list[dict]:
+    """Image-caption pairs: the embedded meta-training corpus, or a CSV/TSV with columns path, caption."""
+    if corpus == "world":
+        from gramvl.data.world import load_meta_pairs
+
+        return load_meta_pairs()
+    path = Path(corpus)
+    if not path.is_file():
+        raise GramvlError(f"corpus file not found: {path} (use 'world' or a CSV/TSV of image path, caption)")
+    delim = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.reader(f, delimiter=delim)):
+            if i == 0 and [c.strip().lower() for c in row[:2]] == ["path", "caption"]:
+                continue
+            if len(row) < 2:
+                raise GramvlError(f"{path}:{i + 1}: expected two columns (image path, caption), got {row!r}")
+            img = Path(row[0])
+            if not img.is_absolute():
+                img = path.parent / img
+            rows.append({"image": str(img), "caption": row[1]})
+    if not rows:
+        raise GramvlError(f"corpus file {path} holds no pairs")
+    return rows
+
+
+def build_hierarchy(feats: CorpusFeatures, kind: str, cfg: CMHCConfig, progress: bool = True) -> Hierarchy:
+    """CMHC (cached on disk per corpus and config), or a flat / random hierarchy for the ablations."""
+    if kind not in HIERARCHIES:
+        raise GramvlError(f"unknown hierarchy {kind!r}; choose one of {', '.join(HIERARCHIES)}")
+    key = hashlib.sha256(json.dumps([feats.key, kind, asdict(cfg)], default=str).encode()).hexdigest()[:20]
+    path = cache_dir("cmhc") / f"{key}.safetensors"
+    if feats.key and path.is_file():
+        return Hierarchy.load(path)
+    if kind == "cmhc":
+        h = cmhc(feats, cfg, progress=progress)
+    elif kind == "flat":
+        from gramvl.gram.cmhc import flat_clusters
+
+        h = flat_clusters(feats, cfg)
+    else:
+        from gramvl.gram.cmhc import random_hierarchy
+
+        h = random_hierarchy(feats, cfg)
+    if feats.key:
+        h.save(path)
+    return h
+
+
+def corpus_features(bb: Backbone, corpus: str, progress: bool = True) -> CorpusFeatures:
+    return encode_corpus(bb, load_pairs(corpus), progress=progress)
+
+
+def run_meta_train(job: MetaTrainJob, out: str | Path, bb: Backbone | None = None, progress: bool = True) -> Path:
+    """Meta-train θ* and ψ* for `job.meta.host` and write the artifact to `out`."""
+    from gramvl.backbone import load_backbone
+
+    t0 = time.time()
+    bb = bb or load_backbone(job.model, job.weights)
+    feats = corpus_features(bb, job.corpus, progress)
+    t_feat = time.time() - t0
+    hier = build_hierarchy(feats, job.hierarchy, job.cmhc, progress)
+    t_clu = time.time() - t0 - t_feat
+    sampler = TaskSampler(hier, job.tasks)
+    probe = sampler.sample(__import__("numpy").random.default_rng(0))
+    host = build_host(job.meta.host, bb, probe.classnames, job.meta.host_cfg)
+    data = CorpusBatches(feats.zI, feats.paths, bb, need_images=not host.image_side_frozen)
+    extra = {"corpus": job.corpus, "pairs": len(feats), "hierarchy": job.hierarchy,
+             "hierarchy_summary": {"domains": len(hier.domains()), "leaves": len(hier.leaves())},
+             "task_config": asdict(job.tasks), "cmhc_config": asdict(job.cmhc),
+             "timing": {"features_s": round(t_feat, 1), "clustering_s": round(t_clu, 1)}}
+    return meta_train(job.meta, host, sampler, data, out, extra_meta=extra, progress=progress)
