@@ -61,7 +61,7 @@ class CorpusBatches:
 
     def __init__(self, image_features: torch.Tensor, paths: list[str] | None = None, bb=None,
                  need_images: bool = False):
-        self.features = torch.as_tensor(np.asarray(image_features), dtype=torch.float32)
+        self.features = torch.tensor(np.array(image_features, dtype=np.float32))
         self.paths, self.bb, self.need_images = paths, bb, need_images
         self._images: dict[int, torch.Tensor] = {}
 
@@ -143,6 +143,15 @@ def _acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatches, out: str | Path,
                extra_meta: dict | None = None, progress: bool = True) -> Path:
     """Run the bi-level loop; write the artifact (θ*, ψ*) to `out` (safetensors + JSON). Resumable."""
+    # second-order gradients need double backward through attention: only the math SDPA kernel has it
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _meta_train(cfg, host, sampler, data, out, extra_meta, progress)
+
+
+def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatches, out: str | Path,
+                extra_meta: dict | None, progress: bool) -> Path:
     out = Path(out)
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
     torch.manual_seed(cfg.seed)
@@ -199,7 +208,7 @@ def meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatche
                 loss = loss + cfg.shifted_weight * lsh
                 rec["shift_acc"] += _acc(lgs, ysh) / cfg.meta_batch
             (loss / cfg.meta_batch).backward()
-            rec["loss"] += float(loss) / cfg.meta_batch
+            rec["loss"] += loss.item() / cfg.meta_batch
         torch.nn.utils.clip_grad_norm_(list(theta.values()), cfg.grad_clip)
         opt_t.step()
         if opt_p:

@@ -1,0 +1,385 @@
+"""Meta-training for test time (SPEC 1.7): learn θ* (the text context TPT starts from) and the
+structure-induced regulator ψ*(·; e(x)) on the meta-training corpus, with TPT's own update as inner step.
+
+For every query image x of a meta-task (classes = the task's weakly labeled leaves):
+    inner:  g = ∇_c H(mean prediction of x's confident views | c = θ)        unsupervised, as at test time
+            θ'_x = AdamW_1(θ, ψ_φ(g; e(x)))                                   one TPT step, per image
+    outer:  L = CE(s · cos(f(x), g(θ'_x)), weak label of x)  (+ λ · the same on a shifted-domain task)
+            θ ← Adam(∇_θ L),  φ ← Adam(∇_φ L)
+Second order: g keeps its graph (create_graph), so θ and φ get the exact gradient through the inner step.
+AdamW's first step is ≈ lr · sign(ψ(g)), whose derivative vanishes; the step keeps that exact forward value
+and backpropagates through ψ(g) / rms(ψ(g)) (straight-through, `surrogate`), see tpt.adamw_step.
+Image features of `views` augmented views per corpus image are computed once and cached on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gramvl.backbone import Backbone
+from gramvl.errors import GramvlError
+from gramvl.gram.cmhc import CMHCConfig
+from gramvl.gram.meta import ARTIFACT_FORMAT, _curve, _jsonable
+from gramvl.gram.regulator import RegulatorSet
+from gramvl.gram.tasks import TaskConfig
+from gramvl.io import load_tensors, save_tensors, write_json
+from gramvl.paths import cache_dir
+from gramvl.tta.structure import PROTOTYPE_MODES, StructureContext, StructuredRegulator
+from gramvl.tta.tpt import (
+    HAND_PROMPT,
+    AdamState,
+    ViewAugmenter,
+    adamw_step,
+    confident_views,
+    marginal_entropy,
+    sample_generator,
+    select_views,
+)
+
+STRUCTURES = (*PROTOTYPE_MODES, "none")
+
+
+@dataclass
+class MetaTTAConfig:
+    """Recipe of meta-training for test time; the ablations are fields (structure, tasks, regulator)."""
+
+    steps: int = 300
+    meta_batch: int = 2  # tasks per outer step
+    views: int = 32  # cached augmented views per corpus image (view 0 = the plain image)
+    selection: float = 0.1  # confident views kept, as TPT
+    crop_min: float = 0.08  # random resized crop area range of the views
+    crop_max: float = 1.0
+    augmix: bool = False
+    inner_lr: float = 5e-3  # TPT's AdamW step
+    weight_decay: float = 0.01
+    surrogate: bool = True  # straight-through gradient for AdamW's sign-like first step
+    second_order: bool = True
+    outer_lr_theta: float = 2e-3
+    outer_lr_phi: float = 1e-3
+    shifted_weight: float = 1.0  # weight of the shifted-domain queries
+    use_regulator: bool = True
+    rank: int = 32
+    structure: str = "complexity"  # prototypes: complexity | flat | leaves; none = ψ without context
+    prototype_kind: str = "joint"  # joint | image | text centroids
+    tau: float = 0.1  # prototype softmax temperature
+    ctx_init: str = HAND_PROMPT
+    init_artifact: str = ""  # start θ from a GRAM artifact's text_ctx instead
+    grad_clip: float = 1.0
+    time_budget_s: float = 0.0
+    checkpoint_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise GramvlError(f"structure must be one of {', '.join(STRUCTURES)}, not {self.structure!r}")
+        if self.views < 2:
+            raise GramvlError(f"meta-training for test time needs views >= 2, not {self.views}")
+
+
+ABLATIONS = {  # name -> overrides of MetaTTAConfig / TaskConfig (documented in docs/tta.md)
+    "full": {},
+    "no-structure": {"meta.structure": "none"},
+    "flat-prototypes": {"meta.structure": "flat"},
+    "no-complexity": {"meta.structure": "flat", "tasks.complexity_informed": False},
+    "no-regulator": {"meta.use_regulator": False},
+}
+
+
+@dataclass
+class MetaTTAJob:
+    """Everything `gramvl meta-train --tta` needs."""
+
+    corpus: str = "world"
+    model: str = "small"
+    weights: str | None = None
+    device: str = "cpu"
+    hierarchy: str = "cmhc"  # cmhc | flat | random
+    meta: MetaTTAConfig = field(default_factory=MetaTTAConfig)
+    tasks: TaskConfig = field(default_factory=lambda: TaskConfig(shots=1, queries=4))
+    cmhc: CMHCConfig = field(default_factory=CMHCConfig)
+
+
+# ======================================================================================= view features
+class ViewFeatureCache:
+    """Frozen features [N, V, D] of V augmented views per corpus image, computed on first use and kept in
+    `cache_dir('tta-views')/<key>/` (float16 memmap + a done mask), so a restart never re-encodes."""
+
+    def __init__(self, bb: Backbone, paths: list[str], views: int = 32, crop_scale=(0.08, 1.0),
+                 augmix: bool = False, seed: int = 0, cache: bool = True, batch_size: int = 512):
+        if not paths:
+            raise GramvlError("meta-training for test time needs the corpus image paths (none given)")
+        self.bb, self.paths, self.views, self.seed, self.batch_size = bb, list(paths), views, seed, batch_size
+        self.augment = ViewAugmenter(bb, views, augmix, tuple(crop_scale))
+        n, d = len(paths), bb.embed_dim
+        h = hashlib.sha256(json.dumps([bb.ident, views, list(crop_scale), augmix, seed, bb.image_size]).encode())
+        for p in self.paths:
+            h.update(f"{p}\n".encode())
+        self.key = h.hexdigest()[:24]
+        self.folder = cache_dir("tta-views") / self.key if cache else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fp, dp = self.folder / "feats.npy", self.folder / "done.npy"
+            if fp.is_file() and dp.is_file():
+                self.feats = np.load(fp, mmap_mode="r+")
+                self.done = np.load(dp)
+                if self.feats.shape != (n, views, d) or self.done.shape != (n,):
+                    raise GramvlError(f"view cache {self.folder} is stale; delete it")
+            else:
+                self.feats = np.lib.format.open_memmap(fp, mode="w+", dtype=np.float16, shape=(n, views, d))
+                self.done = np.zeros(n, dtype=bool)
+        else:
+            self.feats = np.zeros((n, views, d), dtype=np.float16)
+            self.done = np.zeros(n, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @torch.no_grad()
+    def fill(self, idx=None, progress: bool = False) -> None:
+        """Encode the views of the given corpus images (all by default) that are not cached yet."""
+        from gramvl.data.base import load_image
+
+        idx = np.arange(len(self)) if idx is None else np.unique(np.asarray(idx, dtype=np.int64))
+        todo = idx[~self.done[idx]]
+        per = max(1, self.batch_size // self.views)
+        for s in tqdm(range(0, len(todo), per), desc="encode corpus views", disable=not progress,
+                      leave=False, mininterval=2):
+            part = todo[s:s + per]
+            views = torch.stack([self.augment(load_image(self.paths[i]), sample_generator(self.seed, int(i)))
+                                 for i in part])
+            flat = views.flatten(0, 1).to(self.bb.device, self.bb.dtype)
+            f = self.bb.encode_image(flat).float().cpu().view(len(part), self.views, -1)
+            self.feats[part] = f.numpy().astype(np.float16)
+            self.done[part] = True
+        if len(todo) and self.folder is not None:
+            if hasattr(self.feats, "flush"):
+                self.feats.flush()
+            tmp = self.folder / ".done.tmp.npy"
+            np.save(tmp, self.done)
+            tmp.replace(self.folder / "done.npy")
+
+    def get(self, idx) -> torch.Tensor:
+        """View features [len(idx), V, D] (float32, L2-normalized) of corpus images idx."""
+        idx = np.asarray(idx, dtype=np.int64)
+        self.fill(idx)
+        return F.normalize(torch.from_numpy(np.asarray(self.feats[idx], dtype=np.float32)), dim=-1)
+
+
+# ======================================================================================= the loop
+def tta_adapt(bb: Backbone, cp, theta: torch.Tensor, feats: torch.Tensor, cfg: MetaTTAConfig,
+              psi: StructuredRegulator | None, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image contexts [B, 1, M, d] after one regulated TPT step from θ, and the pre-step logits [B, C]."""
+    B = feats.shape[0]
+    scale = bb.logit_scale.detach()
+    ctx = theta.expand(B, 1, *theta.shape)
+    if not create_graph:
+        ctx = ctx.detach().requires_grad_(True)
+    logits = scale * torch.einsum("bvd,bcd->bvc", feats, bb.prompted_text_features(cp, ctx))
+    sel = confident_views(logits.detach(), cfg.selection)
+    loss = marginal_entropy(select_views(logits, sel)).sum()
+    (g,) = torch.autograd.grad(loss, ctx, create_graph=create_graph)
+    if psi is not None:
+        g = psi(g, feats[:, 0])
+    if not create_graph:
+        ctx = theta.expand(B, 1, *theta.shape)
+    new, _ = adamw_step(ctx, g, AdamState.zeros_like(ctx), cfg.inner_lr, weight_decay=cfg.weight_decay,
+                        surrogate=cfg.surrogate)
+    return new, logits[:, 0].detach()
+
+
+def tta_query_loss(bb: Backbone, classnames: list[str], theta: torch.Tensor, feats: torch.Tensor,
+                   labels: torch.Tensor, cfg: MetaTTAConfig, psi: StructuredRegulator | None,
+                   create_graph: bool = True) -> tuple[torch.Tensor, float, float]:
+    """Outer loss CE(after one TPT step, weak labels) of one query set; accuracies before and after.
+
+    Second order runs attention in its plain (math) form: the fused CPU kernels have no double backward.
+    """
+    cp = bb.class_prompts(classnames, int(theta.shape[0]))
+    with _double_backward_attention(create_graph):
+        ctx, pre = tta_adapt(bb, cp, theta, feats, cfg, psi, create_graph)
+        post = bb.logit_scale.detach() * torch.einsum("bd,bcd->bc", feats[:, 0],
+                                                      bb.prompted_text_features(cp, ctx))
+    loss = F.cross_entropy(post, labels)
+    return loss, _acc(pre, labels), _acc(post.detach(), labels)
+
+
+def _double_backward_attention(enabled: bool):
+    """Scaled-dot-product attention restricted to the math backend (differentiable twice) when enabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def _init_theta(bb: Backbone, cfg: MetaTTAConfig) -> torch.Tensor:
+    from gramvl.tta.tpt import gram_init, hand_init
+
+    init = gram_init(bb, cfg.init_artifact, "init") if cfg.init_artifact else hand_init(bb, cfg.ctx_init)
+    return init.ctx.to(bb.device)
+
+
+def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeatureCache, out: str | Path,
+                   prototypes: torch.Tensor | None = None, extra_meta: dict | None = None,
+                   progress: bool = True) -> Path:
+    """Meta-train θ* and ψ*(·; e(x)) for test-time tuning; write a GRAM artifact (`tta`: true). Resumable."""
+    out = Path(out)
+    ckpt = out.with_name(out.stem + ".ckpt.safetensors")
+    torch.manual_seed(cfg.seed)
+    structured = cfg.use_regulator and cfg.structure != "none"
+    if structured and prototypes is None:
+        raise GramvlError(f"structure {cfg.structure!r} needs prototypes (from the CMHC hierarchy)")
+    context = StructureContext(prototypes, cfg.tau) if structured else None
+    theta = torch.nn.Parameter(_init_theta(bb, cfg))
+    psi_set = RegulatorSet({"text": bb.text_width}, rank=cfg.rank,
+                           ctx_dim=context.dim if context is not None else 0) if cfg.use_regulator else None
+    psi = StructuredRegulator(psi_set.regs["text"], context) if psi_set is not None else None
+    opt_t = torch.optim.Adam([theta], lr=cfg.outer_lr_theta)
+    opt_p = torch.optim.Adam(psi_set.parameters(), lr=cfg.outer_lr_phi) if psi_set is not None else None
+    history: list[dict] = []
+    start, elapsed = 0, 0.0
+    if ckpt.is_file():
+        tensors, meta = load_tensors(ckpt)
+        if meta and meta.get("config") == _jsonable(asdict(cfg)):
+            theta.data.copy_(tensors["theta.text_ctx"])
+            if psi_set is not None:
+                psi_set.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("psi.")})
+            start, elapsed, history = meta["step"], meta["seconds"], meta["history"]
+            if progress:
+                print(f"resuming test-time meta-training at step {start}")
+    rng = np.random.default_rng(cfg.seed + 7919 * start)
+    t0 = time.time() - elapsed
+    bar = tqdm(total=cfg.steps, initial=start, desc="meta-train tta", disable=not progress, mininterval=2)
+    for step in range(start, cfg.steps):
+        opt_t.zero_grad(set_to_none=True)
+        if opt_p:
+            opt_p.zero_grad(set_to_none=True)
+        rec = {"loss": 0.0, "pre_acc": 0.0, "post_acc": 0.0, "shift_acc": 0.0}
+        for _ in range(cfg.meta_batch):
+            task = sampler.sample(rng)
+            loss, pre, post = tta_query_loss(bb, task.classnames, theta, views.get(task.query_idx),
+                                             torch.as_tensor(task.query_labels, dtype=torch.long), cfg, psi,
+                                             cfg.second_order)
+            rec["pre_acc"] += pre / cfg.meta_batch
+            rec["post_acc"] += post / cfg.meta_batch
+            if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
+                lsh, _, acc_sh = tta_query_loss(bb, task.classnames_shift, theta, views.get(task.shift_idx),
+                                                torch.as_tensor(task.shift_labels, dtype=torch.long), cfg, psi,
+                                                cfg.second_order)
+                loss = loss + cfg.shifted_weight * lsh
+                rec["shift_acc"] += acc_sh / cfg.meta_batch
+            (loss / cfg.meta_batch).backward()
+            rec["loss"] += float(loss.detach()) / cfg.meta_batch
+        torch.nn.utils.clip_grad_norm_([theta], cfg.grad_clip)
+        opt_t.step()
+        if opt_p:
+            torch.nn.utils.clip_grad_norm_(list(psi_set.parameters()), cfg.grad_clip)
+            opt_p.step()
+        rec["step"] = step + 1
+        history.append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", pre=f"{rec['pre_acc']:.2f}", post=f"{rec['post_acc']:.2f}")
+        done = step + 1 == cfg.steps
+        over = cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s
+        if (step + 1) % cfg.checkpoint_every == 0 or done or over:
+            _save(ckpt, theta, psi_set, None, {"config": _jsonable(asdict(cfg)), "step": step + 1,
+                                               "seconds": time.time() - t0, "history": history})
+        if over:
+            break
+    bar.close()
+    seconds = time.time() - t0
+    diag = tta_diagnostics(bb, theta.detach(), psi, sampler, views, cfg, np.random.default_rng(cfg.seed + 1))
+    sidecar = {"format": ARTIFACT_FORMAT, "host": "coop", "unigram": False, "tta": True, "backbone": bb.ident,
+               "slots": {"text_ctx": list(theta.shape)},
+               "regulator": psi_set.config() if psi_set is not None else None,
+               "structure": {"mode": cfg.structure if structured else "none", "kind": cfg.prototype_kind,
+                             "tau": cfg.tau, "n_prototypes": int(prototypes.shape[0]) if structured else 0},
+               "tpt": {"lr": cfg.inner_lr, "weight_decay": cfg.weight_decay, "selection": cfg.selection,
+                       "views": cfg.views},
+               "config": _jsonable(asdict(cfg)), "steps_done": len(history), "seconds": round(seconds, 1),
+               "curve": _curve(history), "psi_diagnostics": diag, **(extra_meta or {})}
+    _save(out, theta, psi_set, context.prototypes if structured else None, sidecar)
+    write_json(out.with_name(out.stem + ".history.json"), history)
+    return out
+
+
+def _save(path: Path, theta: torch.Tensor, psi_set: RegulatorSet | None, prototypes: torch.Tensor | None,
+          sidecar: dict) -> None:
+    tensors = {"theta.text_ctx": theta.detach()}
+    if psi_set is not None:
+        tensors.update({f"psi.{k}": v for k, v in psi_set.state_dict().items()})
+    if prototypes is not None:
+        tensors["prototypes"] = prototypes
+    save_tensors(path, tensors, sidecar)
+
+
+def tta_diagnostics(bb: Backbone, theta: torch.Tensor, psi: StructuredRegulator | None, sampler,
+                    views: ViewFeatureCache, cfg: MetaTTAConfig, rng: np.random.Generator,
+                    tasks: int = 8) -> dict:
+    """On fresh tasks: accuracy before the step, after a raw TPT step, after a ψ*-regulated step; ψ* vs identity."""
+    pre, raw, reg, stats = [], [], [], {}
+    for _ in range(tasks):
+        task = sampler.sample(rng)
+        feats = views.get(task.query_idx)
+        y = torch.as_tensor(task.query_labels, dtype=torch.long)
+        th = theta.detach().requires_grad_(True)
+        _, p0, a_raw = tta_query_loss(bb, task.classnames, th, feats, y, cfg, None, False)
+        pre.append(p0)
+        raw.append(a_raw)
+        if psi is not None:
+            reg.append(tta_query_loss(bb, task.classnames, th, feats, y, cfg, psi, False)[2])
+            cp = bb.class_prompts(task.classnames, int(theta.shape[0]))
+            ctx = theta.expand(feats.shape[0], 1, *theta.shape).clone().requires_grad_(True)
+            logits = bb.logit_scale.detach() * torch.einsum("bvd,bcd->bvc", feats,
+                                                            bb.prompted_text_features(cp, ctx))
+            loss = marginal_entropy(select_views(logits, confident_views(logits.detach(), cfg.selection))).sum()
+            (g,) = torch.autograd.grad(loss, ctx)
+            e = psi.context(feats[:, 0]) if psi.structured else None
+            for k, v in psi.regulator.diagnostics(g, e).items():
+                stats.setdefault(k, []).append(v)
+    out = {"pre_acc": float(np.mean(pre)), "post_acc_raw_step": float(np.mean(raw))}
+    if reg:
+        out["post_acc_psi_step"] = float(np.mean(reg))
+    out.update({f"text.{k}": float(np.mean(v)) for k, v in stats.items()})
+    return out
+
+
+# ======================================================================================= end to end
+def run_meta_tta(job: MetaTTAJob, out: str | Path, bb: Backbone | None = None, progress: bool = True) -> Path:
+    """Corpus -> features -> hierarchy -> tasks -> cached views -> meta-training; returns the artifact path."""
+    from gramvl.backbone import load_backbone
+    from gramvl.gram.pipeline import build_hierarchy, corpus_features
+    from gramvl.gram.tasks import TaskSampler
+
+    t0 = time.time()
+    bb = bb or load_backbone(job.model, job.weights, device=job.device)
+    feats = corpus_features(bb, job.corpus, progress)
+    hier = build_hierarchy(feats, job.hierarchy, job.cmhc, progress)
+    t_clu = time.time() - t0
+    sampler = TaskSampler(hier, job.tasks)
+    m = job.meta
+    protos = None
+    if m.use_regulator and m.structure != "none":
+        protos = hier.prototypes(m.structure, m.prototype_kind)
+    domains = hier.domains
+    cache = ViewFeatureCache(bb, feats.paths, m.views, (m.crop_min, m.crop_max), m.augmix, m.seed)
+    extra = {"corpus": job.corpus, "pairs": len(feats), "hierarchy": job.hierarchy,
+             "hierarchy_summary": {"domains": len(domains() if callable(domains) else domains),
+                                   "leaves": len(hier.leaves())},
+             "task_config": asdict(job.tasks), "cmhc_config": asdict(job.cmhc),
+             "timing": {"features_and_clustering_s": round(t_clu, 1)}}
+    return meta_train_tta(m, bb, sampler, cache, out, protos, extra, progress)
