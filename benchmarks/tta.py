@@ -57,7 +57,8 @@ def tta_artifact(args, bb) -> tuple[Path, float]:
             return out, 0.0
     t0 = time.time()
     meta = MetaTTAConfig(steps=args.meta_steps, time_budget_s=args.meta_budget, views=args.meta_views,
-                         selection=2.0 / args.meta_views, outer_lr_phi=args.meta_lr_phi, seed=0)  # two confident views per corpus image
+                         selection=2.0 / args.meta_views,  # two confident views per corpus image
+                         outer_lr_phi=args.meta_lr_phi, seed=0)
     job = MetaTTAJob(model=args.model, meta=meta, tasks=TaskConfig(shots=1, queries=2))
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
     if args.retrain and ckpt.is_file():
@@ -81,6 +82,10 @@ def tuners(bb, classnames, seed: int, args, tta_path: Path, first_seed: bool) ->
     return out
 
 
+def mean_accuracy(results: dict, names: list[str], method: str) -> float:
+    return float(np.mean([results[n]["methods"][method]["accuracy_mean"] for n in names]))
+
+
 def group_of(name: str) -> str:
     if name.endswith("-lineart"):
         return "OpenMoji line art"
@@ -94,16 +99,17 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the packaged small CLIP, else runs/pretrain/best")
     ap.add_argument("--datasets", nargs="*", default=None)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    ap.add_argument("--limit", type=int, default=16, help="test samples per dataset (fixed random subset)")
+    ap.add_argument("--limit", type=int, default=20, help="test samples per dataset (fixed random subset)")
     ap.add_argument("--n-views", type=int, default=64)
     ap.add_argument("--batch-images", type=int, default=8)
     ap.add_argument("--gram", default=None, help="supervised GRAM artifact for the 'GRAM init' row")
-    ap.add_argument("--tta-artifact", default=None, help="test-time GRAM artifact (`gramvl meta-train --tta`)")
+    ap.add_argument("--tta-artifact", default=None,
+                    help="test-time GRAM artifact (`gramvl meta-train --tta`)")
     ap.add_argument("--meta-budget", type=float, default=240.0, help="seconds of test-time meta-training")
-    ap.add_argument("--meta-steps", type=int, default=2000, help="meta-steps (the budget usually stops first)")
-    ap.add_argument("--meta-views", type=int, default=16, help="cached views per corpus image for meta-training")
+    ap.add_argument("--meta-steps", type=int, default=2000, help="meta-steps (the budget stops first)")
+    ap.add_argument("--meta-views", type=int, default=16, help="cached views per corpus image (meta)")
     ap.add_argument("--meta-lr-phi", type=float, default=1e-2, help="ψ's outer learning rate (short budget)")
-    ap.add_argument("--retrain", action="store_true", help="meta-train again even if --work holds an artifact")
+    ap.add_argument("--retrain", action="store_true", help="meta-train again even if --work has an artifact")
     ap.add_argument("--ablations", action="store_true", help="add the row 'TPT + ψ* without structure'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-tta"))
@@ -131,9 +137,10 @@ def main() -> None:
                  "chance": 1.0 / ds.num_classes, "methods": {}}
         for method, rs in runs.items():
             acc = [r["accuracy"] for r in rs]
-            entry["methods"][method] = {"accuracy_mean": float(np.mean(acc)), "accuracy_std": float(np.std(acc)),
-                                        "accuracy_seeds": acc, "latency_ms": float(np.mean([r["latency_ms"]
-                                                                                            for r in rs])),
+            entry["methods"][method] = {"accuracy_mean": float(np.mean(acc)),
+                                        "accuracy_std": float(np.std(acc)),
+                                        "accuracy_seeds": acc,
+                                        "latency_ms": float(np.mean([r["latency_ms"] for r in rs])),
                                         "stage_ms": rs[0]["stage_ms"], "runs": rs}
         results[name] = entry
         print(name, {m: round(100 * v["accuracy_mean"], 1) for m, v in entry["methods"].items()},
@@ -142,13 +149,12 @@ def main() -> None:
     summary = {"groups": {}, "latency_ms": {}}
     for group in dict.fromkeys(group_of(n) for n in names):
         members = [n for n in names if group_of(n) == group]
-        summary["groups"][group] = {m: float(np.mean([results[n]["methods"][m]["accuracy_mean"] for n in members]))
-                                    for m in methods}
-    summary["groups"]["all"] = {m: float(np.mean([results[n]["methods"][m]["accuracy_mean"] for n in names]))
-                                for m in methods}
+        summary["groups"][group] = {m: mean_accuracy(results, members, m) for m in methods}
+    summary["groups"]["all"] = {m: mean_accuracy(results, names, m) for m in methods}
     for m in methods:
         lat = [results[n]["methods"][m]["latency_ms"] for n in names]
-        summary["latency_ms"][m] = {"mean": float(np.mean(lat)), "min": float(np.min(lat)), "max": float(np.max(lat))}
+        summary["latency_ms"][m] = {"mean": float(np.mean(lat)), "min": float(np.min(lat)),
+                                    "max": float(np.max(lat))}
     seconds = time.time() - t0
     cmd = "python benchmarks/tta.py " + " ".join(
         [f"--limit {args.limit}", f"--seeds {' '.join(map(str, args.seeds))}"]
@@ -156,9 +162,11 @@ def main() -> None:
     record = {"model": bb.ident, "describe": bb.describe(), "seeds": args.seeds, "limit": args.limit,
               "n_views": args.n_views, "batch_images": args.batch_images, "threads": args.threads,
               "tta_artifact": {"path": str(tta_path), "seconds_here": round(meta_seconds, 1),
-                               **{k: tta_meta.get(k) for k in ("steps_done", "seconds", "structure", "regulator",
-                                                                "psi_diagnostics", "curve", "config")}},
-              "gram_init_artifact": args.gram or f"{tta_path} (θ* only)", "results": results, "summary": summary,
+                               **{k: tta_meta.get(k) for k in ("steps_done", "seconds", "structure",
+                                                                "regulator", "psi_diagnostics", "curve",
+                                                                "config")}},
+              "gram_init_artifact": args.gram or f"{tta_path} (θ* only)", "results": results,
+              "summary": summary,
               "versions": versions(), "seconds": round(seconds, 1), "command": cmd}
     out = Path(args.out)
     write_json(out / "tta.json", record)
@@ -195,12 +203,14 @@ def render_markdown(rec: dict, names: list[str], methods: list[str]) -> str:
         "\nPer-sample latency (ms; views + image encoding + tuning + prediction, batches of "
         f"{rec['batch_images']} images, {rec['threads']} CPU thread(s)), mean / min / max over datasets:\n\n",
         markdown_table(["method", "mean", "min", "max"], lat),
-        f"\nTest-time artifact `{art['path']}`: {art.get('steps_done')} meta-steps in {art.get('seconds')} s, "
-        f"prototypes: {struct.get('mode')} ({struct.get('n_prototypes')}, τ = {struct.get('tau')}). On held-out "
-        f"meta-tasks: accuracy before the step {100 * diag.get('pre_acc', float('nan')):.1f}%, after a raw TPT "
+        f"\nTest-time artifact `{art['path']}`: {art.get('steps_done')} meta-steps in "
+        f"{art.get('seconds')} s, prototypes: {struct.get('mode')} ({struct.get('n_prototypes')}, "
+        f"τ = {struct.get('tau')}). On held-out meta-tasks: accuracy before the step "
+        f"{100 * diag.get('pre_acc', float('nan')):.1f}%, after a raw TPT "
         f"step {100 * diag.get('post_acc_raw_step', float('nan')):.1f}%, after a ψ*-regulated step "
         f"{100 * diag.get('post_acc_psi_step', float('nan')):.1f}%; ψ* cosine to the identity "
-        f"{diag.get('text.cos_to_identity_mean', float('nan')):.3f}. Recipe: {mcfg.get('views')} cached views "
+        f"{diag.get('text.cos_to_identity_mean', float('nan')):.3f}. Recipe: {mcfg.get('views')} "
+        "cached views "
         f"per corpus image, {mcfg.get('selection')} of them kept, inner AdamW lr {mcfg.get('inner_lr')}, "
         f"ψ's outer lr {mcfg.get('outer_lr_phi')}, second order {mcfg.get('second_order')}, time budget "
         f"{mcfg.get('time_budget_s')} s.\n\n",

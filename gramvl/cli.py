@@ -354,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--quick", action="store_true")
     dm.set_defaults(func=cmd_demo)
+
+    from gramvl.tta.cli import add_parser as add_tta_parser
+
+    add_tta_parser(sub)
     return p
 
 

@@ -1,4 +1,4 @@
-"""Test-time prompt tuning: TPT for any backbone, the structure-induced regulator, meta-training for test time.
+"""Test-time prompt tuning: TPT for any backbone, the structure-induced regulator, meta-training for it.
 
 Names are imported on first use, so `gramvl.tta.cli` (registered by `gramvl --help`) stays light.
 """

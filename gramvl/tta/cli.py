@@ -21,9 +21,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tpt: tune the text context per test image; zeroshot: the initial context, untuned")
     p.add_argument("--dataset", required=True, help="embedded name, standard name, or folder:ROOT")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None, help="use this many test samples (a fixed random subset)")
+    p.add_argument("--limit", type=int, default=None, help="this many test samples (a fixed random subset)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random views")
-    p.add_argument("--batch-images", type=int, default=8, help="test images tuned at once (independent contexts)")
+    p.add_argument("--batch-images", type=int, default=8, help="test images tuned at once (own contexts)")
     p.add_argument("--gram", default=None, help="GRAM artifact: θ* as the initial context and its ψ* "
                    "(structure-induced when the artifact was meta-trained with --tta)")
     p.add_argument("--gram-parts", default="both", choices=["both", "init", "regulator"])
@@ -55,8 +55,8 @@ def tta_main(args) -> int:
     init = resolve_init(bb, args.init, args.gram, args.gram_parts, args.ctx_init, args.n_ctx,
                         structure=not args.no_structure)
     steps = 0 if args.method == "zeroshot" else args.steps
-    cfg = TPTConfig(n_views=args.n_views, selection=args.selection, steps=steps, lr=args.lr, augmix=args.augmix,
-                    batch_images=args.batch_images, seed=args.seed)
+    cfg = TPTConfig(n_views=args.n_views, selection=args.selection, steps=steps, lr=args.lr,
+                    augmix=args.augmix, batch_images=args.batch_images, seed=args.seed)
     tpt = TPT(bb, ds.classnames, init, cfg)
     res = run_tta(tpt, ds, args.limit, progress=not getattr(args, "quiet", False))
     m = res["metrics"]

@@ -121,7 +121,8 @@ class ViewFeatureCache:
         self.bb, self.paths, self.views, self.seed, self.batch_size = bb, list(paths), views, seed, batch_size
         self.augment = ViewAugmenter(bb, views, augmix, tuple(crop_scale))
         n, d = len(paths), bb.embed_dim
-        h = hashlib.sha256(json.dumps([bb.ident, views, list(crop_scale), augmix, seed, bb.image_size]).encode())
+        recipe = [bb.ident, views, list(crop_scale), augmix, seed, bb.image_size]
+        h = hashlib.sha256(json.dumps(recipe).encode())
         for p in self.paths:
             h.update(f"{p}\n".encode())
         self.key = h.hexdigest()[:24]
@@ -277,9 +278,9 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
             rec["pre_acc"] += pre / cfg.meta_batch
             rec["post_acc"] += post / cfg.meta_batch
             if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
+                ysh = torch.as_tensor(task.shift_labels, dtype=torch.long)
                 lsh, _, acc_sh = tta_query_loss(bb, task.classnames_shift, theta, views.get(task.shift_idx),
-                                                torch.as_tensor(task.shift_labels, dtype=torch.long), cfg, psi,
-                                                cfg.second_order)
+                                                ysh, cfg, psi, cfg.second_order)
                 loss = loss + cfg.shifted_weight * lsh
                 rec["shift_acc"] += acc_sh / cfg.meta_batch
             (loss / cfg.meta_batch).backward()
@@ -330,7 +331,7 @@ def _save(path: Path, theta: torch.Tensor, psi_set: RegulatorSet | None, prototy
 def tta_diagnostics(bb: Backbone, theta: torch.Tensor, psi: StructuredRegulator | None, sampler,
                     views: ViewFeatureCache, cfg: MetaTTAConfig, rng: np.random.Generator,
                     tasks: int = 8) -> dict:
-    """On fresh tasks: accuracy before the step, after a raw TPT step, after a ψ*-regulated step; ψ* vs identity."""
+    """On fresh tasks: accuracy before, after a raw and after a ψ*-regulated TPT step; ψ* vs the identity."""
     pre, raw, reg, stats = [], [], [], {}
     for _ in range(tasks):
         task = sampler.sample(rng)
@@ -346,7 +347,8 @@ def tta_diagnostics(bb: Backbone, theta: torch.Tensor, psi: StructuredRegulator 
             ctx = theta.expand(feats.shape[0], 1, *theta.shape).clone().requires_grad_(True)
             logits = bb.logit_scale.detach() * torch.einsum("bvd,bcd->bvc", feats,
                                                             bb.prompted_text_features(cp, ctx))
-            loss = marginal_entropy(select_views(logits, confident_views(logits.detach(), cfg.selection))).sum()
+            sel = confident_views(logits.detach(), cfg.selection)
+            loss = marginal_entropy(select_views(logits, sel)).sum()
             (g,) = torch.autograd.grad(loss, ctx)
             e = psi.context(feats[:, 0]) if psi.structured else None
             for k, v in psi.regulator.diagnostics(g, e).items():
@@ -360,7 +362,7 @@ def tta_diagnostics(bb: Backbone, theta: torch.Tensor, psi: StructuredRegulator 
 
 # ======================================================================================= end to end
 def run_meta_tta(job: MetaTTAJob, out: str | Path, bb: Backbone | None = None, progress: bool = True) -> Path:
-    """Corpus -> features -> hierarchy -> tasks -> cached views -> meta-training; returns the artifact path."""
+    """Corpus -> features -> hierarchy -> tasks -> cached views -> meta-training; returns the artifact."""
     from gramvl.backbone import load_backbone
     from gramvl.gram.pipeline import build_hierarchy, corpus_features
     from gramvl.gram.tasks import TaskSampler

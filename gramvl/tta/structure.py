@@ -26,7 +26,8 @@ class StructureContext(nn.Module):
     def __init__(self, prototypes: torch.Tensor, tau: float = 0.1):
         super().__init__()
         if prototypes.dim() != 2 or prototypes.shape[0] < 1:
-            raise GramvlError(f"prototypes must be a [P, D] tensor with P >= 1, got {tuple(prototypes.shape)}")
+            raise GramvlError(f"prototypes must be a [P, D] tensor with P >= 1, not "
+                              f"{tuple(prototypes.shape)}")
         if tau <= 0:
             raise GramvlError(f"the prototype temperature tau must be > 0, not {tau}")
         self.register_buffer("prototypes", F.normalize(prototypes.detach().float(), dim=-1))
@@ -50,7 +51,7 @@ class StructureContext(nn.Module):
 
 
 def hierarchy_prototypes(hierarchy, mode: str = "complexity", kind: str = "joint") -> torch.Tensor:
-    """Prototypes [P, D] of a CMHC `Hierarchy` ('complexity', 'flat' or 'leaves'; joint/image/text centroids)."""
+    """Prototypes [P, D] of a CMHC `Hierarchy`: 'complexity', 'flat' or 'leaves'; joint/image/text kind."""
     if mode not in PROTOTYPE_MODES:
         raise GramvlError(f"prototype mode must be one of {', '.join(PROTOTYPE_MODES)}, not {mode!r}")
     return hierarchy.prototypes(mode, kind).float()

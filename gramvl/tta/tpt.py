@@ -35,7 +35,7 @@ GRAM_PARTS = ("both", "init", "regulator")
 
 @dataclass
 class TPTConfig:
-    """TPT's recipe (defaults from the paper and its code); `steps=0` is zero-shot with the initial context."""
+    """TPT's recipe (defaults of the paper and its code); `steps=0` is zero-shot with the initial context."""
 
     n_views: int = 64  # the image itself + n_views - 1 augmented views
     selection: float = 0.1  # fraction of lowest-entropy views kept (int(n_views * selection), at least 1)
@@ -53,7 +53,8 @@ class TPTConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_images < 1:
-            raise GramvlError(f"TPT needs steps >= 0 and batch_images >= 1 (got {self.steps}, {self.batch_images})")
+            raise GramvlError(f"TPT needs steps >= 0 and batch_images >= 1 (got {self.steps}, "
+                              f"{self.batch_images})")
         if self.steps and self.n_views < 1:
             raise GramvlError(f"TPT needs at least one view, got n_views={self.n_views}")
         if not 0.0 < self.selection <= 1.0:
@@ -113,7 +114,8 @@ class AdamState:
 
 
 def adamw_step(p: torch.Tensor, g: torch.Tensor, state: AdamState, lr: float, betas=(0.9, 0.999),
-               eps: float = 1e-8, weight_decay: float = 0.01, surrogate: bool = False) -> tuple[torch.Tensor, AdamState]:
+               eps: float = 1e-8, weight_decay: float = 0.01,
+               surrogate: bool = False) -> tuple[torch.Tensor, AdamState]:
     """One AdamW step, the same arithmetic as torch.optim.AdamW, as a function (differentiable).
 
     AdamW's first step moves each element by lr * g / (|g| + eps), nearly lr * sign(g), whose derivative
@@ -255,21 +257,22 @@ class ContextInit:
     meta: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
-        return {"source": self.source, "n_ctx": int(self.ctx.shape[0]), "regulator": self.regulator is not None,
+        return {"source": self.source, "n_ctx": int(self.ctx.shape[0]),
+                "regulator": self.regulator is not None,
                 "structure_prototypes": int(self.structure.prototypes.shape[0]) if self.structure else 0,
                 "structure_tau": self.structure.tau if self.structure else None}
 
 
 def _check_ctx(bb: Backbone, ctx: torch.Tensor, what: str, n_ctx: int | None = None) -> torch.Tensor:
     if ctx.dim() != 2:
-        raise GramvlError(f"{what} holds a text context of shape {tuple(ctx.shape)}; TPT needs one shared context "
-                          f"[M, d] (class-specific CoOp contexts cannot be tuned per test image)")
+        raise GramvlError(f"{what} holds a text context of shape {tuple(ctx.shape)}; TPT needs one shared "
+                          f"context [M, d] (class-specific CoOp contexts cannot be tuned per test image)")
     if ctx.shape[1] != bb.text_width:
-        raise GramvlError(f"prompt length mismatch: {what} has context width {ctx.shape[1]}, the model's text "
-                          f"width is {bb.text_width} (checkpoint from another backbone?)")
+        raise GramvlError(f"prompt length mismatch: {what} has context width {ctx.shape[1]}, the model's "
+                          f"text width is {bb.text_width} (checkpoint from another backbone?)")
     if n_ctx is not None and ctx.shape[0] != n_ctx:
-        raise GramvlError(f"prompt length mismatch: {what} has {ctx.shape[0]} context tokens, --n-ctx asks for "
-                          f"{n_ctx}; drop --n-ctx or use a matching prompt")
+        raise GramvlError(f"prompt length mismatch: {what} has {ctx.shape[0]} context tokens, --n-ctx asks "
+                          f"for {n_ctx}; drop --n-ctx or use a matching prompt")
     return ctx.detach().float().clone()
 
 
@@ -287,14 +290,14 @@ def prompt_file_init(bb: Backbone, path: str | Path, n_ctx: int | None = None) -
 
     tensors, meta = load_tensors(path)
     if not meta or meta.get("format") != "gramvl-prompt":
-        raise GramvlError(f"{path} is not a gramvl prompt file (written by `gramvl train`); for a GRAM artifact "
-                          f"use --gram")
+        raise GramvlError(f"{path} is not a gramvl prompt file (written by `gramvl train`); for a GRAM "
+                          f"artifact use --gram")
     if meta.get("backbone") != bb.ident:
-        raise GramvlError(f"checkpoint from another backbone: {path} was trained on {meta.get('backbone')}, the "
-                          f"loaded model is {bb.ident}")
+        raise GramvlError(f"checkpoint from another backbone: {path} was trained on {meta.get('backbone')}, "
+                          f"the loaded model is {bb.ident}")
     if "text_ctx" not in tensors:
-        raise GramvlError(f"{path} ({meta.get('method')}) has no text context 'text_ctx' to tune; its tensors: "
-                          f"{sorted(tensors)}")
+        raise GramvlError(f"{path} ({meta.get('method')}) has no text context 'text_ctx' to tune; its "
+                          f"tensors: {sorted(tensors)}")
     ctx = _check_ctx(bb, tensors["text_ctx"], str(path), n_ctx)
     return ContextInit(ctx, f"prompt:{path}", meta={"method": meta.get("method")})
 
@@ -310,11 +313,13 @@ def gram_init(bb: Backbone, path: str | Path, parts: str = "both", words: str = 
     theta, psi, meta = load_artifact(path)
     if meta.get("backbone") != bb.ident:
         raise GramvlError(f"checkpoint from another backbone: GRAM artifact {path} was meta-trained on "
-                          f"{meta.get('backbone')}, the loaded model is {bb.ident}; re-run `gramvl meta-train`")
+                          f"{meta.get('backbone')}, the loaded model is {bb.ident}; re-run "
+                          f"`gramvl meta-train`")
     if parts in ("both", "init"):
         if "text_ctx" not in theta:
-            raise GramvlError(f"GRAM artifact {path} has no text context (slots {sorted(theta)}); TPT tunes the "
-                              f"text context: meta-train a text host (coop) or use --gram-parts regulator")
+            raise GramvlError(f"GRAM artifact {path} has no text context (slots {sorted(theta)}); TPT tunes "
+                              f"the text context: meta-train a text host (coop) or use --gram-parts "
+                              f"regulator")
         init = ContextInit(_check_ctx(bb, theta["text_ctx"], f"GRAM artifact {path}", n_ctx), f"gram:{path}")
     else:
         init = hand_init(bb, words, n_ctx)
@@ -325,16 +330,16 @@ def gram_init(bb: Backbone, path: str | Path, parts: str = "both", words: str = 
             raise GramvlError(f"GRAM artifact {path} has no text regulator (modalities {sorted(psi.regs)})")
         reg = psi.regs["text"]
         if reg.dim != bb.text_width:
-            raise GramvlError(f"the regulator of {path} acts on rows of width {reg.dim}, the text context has "
-                              f"width {bb.text_width}")
+            raise GramvlError(f"the regulator of {path} acts on rows of width {reg.dim}, the text context "
+                              f"has width {bb.text_width}")
         init.regulator = reg
         tensors, _ = load_tensors(path)
         if structure and reg.ctx_dim and "prototypes" in tensors:
             tau = float((meta.get("structure") or {}).get("tau", 0.1))
             init.structure = StructureContext(tensors["prototypes"], tau)
             if init.structure.dim != bb.embed_dim:
-                raise GramvlError(f"the prototypes of {path} have width {init.structure.dim}, the model's image "
-                                  f"features {bb.embed_dim}: checkpoint from another backbone")
+                raise GramvlError(f"the prototypes of {path} have width {init.structure.dim}, the model's "
+                                  f"image features {bb.embed_dim}: checkpoint from another backbone")
     return init
 
 
@@ -343,7 +348,8 @@ def resolve_init(bb: Backbone, prompt: str | Path | None = None, gram: str | Pat
                  structure: bool = True) -> ContextInit:
     """The CLI's choice: a prompt file (`--init`), a GRAM artifact (`--gram`), or the hand-written prompt."""
     if prompt and gram and gram_parts in ("both", "init"):
-        raise GramvlError("--init and --gram both set the initial context; use one (or --gram-parts regulator)")
+        raise GramvlError("--init and --gram both set the initial context; use one (or --gram-parts "
+                          "regulator)")
     if gram:
         init = gram_init(bb, gram, gram_parts, words, n_ctx, structure)
         if prompt:
@@ -397,8 +403,8 @@ class TPT:
         """[B, V, 3, S, S] views (V = 1, the plain image, when not tuning); deterministic per (seed, key)."""
         if not self.tunes:
             return torch.stack([self.augment.base(im.convert("RGB")) for im in images]).unsqueeze(1)
-        return torch.stack([self.augment(im, sample_generator(self.cfg.seed, k)) for im, k in zip(images, keys,
-                                                                                                 strict=True)])
+        pairs = zip(images, keys, strict=True)
+        return torch.stack([self.augment(im, sample_generator(self.cfg.seed, k)) for im, k in pairs])
 
     @torch.no_grad()
     def encode_views(self, views: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -408,7 +414,7 @@ class TPT:
         return feats.view(*views.shape[:2], -1)
 
     def tune(self, view_feats: torch.Tensor) -> torch.Tensor:
-        """Tuned contexts [B, 1, M, d] from the initial one, given view features [B, V, D] (view 0 = image)."""
+        """Tuned contexts [B, 1, M, d] from the initial one, for view features [B, V, D] (view 0 = image)."""
         cfg = self.cfg
         B = view_feats.shape[0]
         ctx = self.ctx0.expand(B, 1, *self.ctx0.shape).clone()
@@ -438,7 +444,8 @@ class TPT:
         """Per-image gradients [B, 1, M, d]: the B contexts run through the text encoder as B x C rows."""
         c = ctx.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = self.bb.logit_scale.detach() * torch.einsum("bvd,bcd->bvc", view_feats, self.text_features(c))
+            text = self.text_features(c)
+            logits = self.bb.logit_scale.detach() * torch.einsum("bvd,bcd->bvc", view_feats, text)
             loss, selected = self._loss(logits, selected)
             (g,) = torch.autograd.grad(loss, c)
         return g, selected
@@ -465,7 +472,7 @@ class TPT:
 
     @torch.no_grad()
     def predict(self, view_feats: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, C] of the original images (view 0) under the tuned contexts (tuned here if not given)."""
+        """Logits [B, C] of the original images (view 0) under the tuned contexts (tuned if not given)."""
         f0 = view_feats[:, 0]
         scale = self.bb.logit_scale
         if not self.tunes:  # zero-shot: every context is the initial one
@@ -529,8 +536,8 @@ def run_tta_many(tuners: dict[str, TPT], ds, limit: int | None = None, progress:
     for name, t in tuners.items():
         groups.setdefault(_view_recipe(t), []).append(name)
     B = min(t.cfg.batch_images for t in tuners.values())
-    out = {n: {"pred": [], "lat": [], "stages": dict.fromkeys(("load", "views", "encode", "tune", "predict"), 0.0)}
-           for n in tuners}
+    stage_names = ("load", "views", "encode", "tune", "predict")
+    out = {n: {"pred": [], "lat": [], "stages": dict.fromkeys(stage_names, 0.0)} for n in tuners}
     labels: list[int] = []
     t_all = time.perf_counter()
     bar = tqdm(total=len(idx), desc=f"tta {ds.name}", disable=not progress, leave=False, mininterval=2)
