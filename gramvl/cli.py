@@ -65,8 +65,8 @@ def cmd_zeroshot(args) -> int:
     from gramvl.engine.results import make_record, markdown_table, save_record
 
     t0 = time.time()
-    bb = _load_model(args)
     ds = get_dataset(args.dataset, args.split, args.data_root)
+    bb = _load_model(args)
     templates = ENSEMBLE_TEMPLATES if args.ensemble else tuple(args.template or ["a photo of a {}."])
     for t in templates:
         if "{}" not in t:

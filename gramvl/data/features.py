@@ -34,7 +34,7 @@ def _loader(ds: ImageDataset, batch_size: int, workers: int):
 
 @torch.no_grad()
 def image_features(bb: Backbone, ds: ImageDataset, train_views: int = 0, seed: int = 0, batch_size: int = 256,
-                   workers: int = 2, cache: bool = True, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   workers: int = 0, cache: bool = True, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized features [N, D] (test transform) or [N, V, D] (V augmented train views) and labels [N]."""
     desc = f"train-aug-v1:{bb.image_size}" if train_views else f"test:{bb.image_size}"
     key = _key(bb, ds, desc, train_views, seed)

@@ -1,0 +1,98 @@
+"""The command line: one clear error line per bad input, and the zero-shot record contract."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gramvl.cli import main
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory, small_random_backbone):
+    from gramvl.io import save_tensors
+
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    sd = {k: v for k, v in small_random_backbone.model.state_dict().items() if not k.endswith("attn_mask")}
+    save_tensors(path, sd, small_random_backbone.meta)
+    return path
+
+
+def make_folder(root, classes=("red apple", "blue car"), per=2, corrupt=False):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for c in classes:
+            d = root / split / c.replace(" ", "_")
+            d.mkdir(parents=True)
+            for i in range(per):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    if corrupt:
+        (root / "test" / classes[0].replace(" ", "_") / "bad.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def run(capsys, *argv):
+    code = main(["--quiet", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_zeroshot_on_a_folder_dataset_writes_the_record(tmp_path, capsys, small_ckpt):
+    root = make_folder(tmp_path / "ds")
+    code, out, _ = run(capsys, "zeroshot", "--model", str(small_ckpt), "--dataset", f"folder:{root}",
+                       "--json", str(tmp_path / "r.json"))
+    assert code == 0 and "accuracy" in out
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert 0.0 <= rec["metrics"]["accuracy"] <= 1.0 and rec["metrics"]["num_classes"] == 2
+    assert set(rec) >= {"metrics", "config", "versions", "seconds"}
+    assert rec["versions"]["torch"] == torch.__version__
+
+
+def test_unknown_dataset_is_one_clear_error(capsys):
+    code, _, err = run(capsys, "zeroshot", "--dataset", "no-such-dataset")
+    assert code == 2
+    assert err.count("\n") == 1 and "unknown dataset 'no-such-dataset'" in err
+
+
+def test_wrong_folder_layout_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+    code, _, err = run(capsys, "zeroshot", "--dataset", f"folder:{tmp_path / 'flat'}")
+    assert code == 2 and "wrong folder layout" in err and err.count("\n") == 1
+
+
+def test_corrupt_image_is_one_clear_error_naming_the_file(tmp_path, capsys, small_ckpt):
+    root = make_folder(tmp_path / "ds", corrupt=True)
+    code, _, err = run(capsys, "zeroshot", "--model", str(small_ckpt), "--dataset", f"folder:{root}")
+    assert code == 2 and "corrupt or unreadable image" in err and "bad.png" in err
+
+
+def test_missing_weights_file_is_one_clear_error(tmp_path, capsys):
+    root = make_folder(tmp_path / "ds")
+    code, _, err = run(capsys, "zeroshot", "--model", "ViT-B-32", "--weights", str(tmp_path / "none.pt"),
+                       "--dataset", f"folder:{root}")
+    assert code == 2 and "weights file not found" in err and "never downloads" in err
+
+
+def test_template_without_placeholder_is_rejected(tmp_path, capsys, small_ckpt):
+    root = make_folder(tmp_path / "ds")
+    code, _, err = run(capsys, "zeroshot", "--model", str(small_ckpt), "--dataset", f"folder:{root}",
+                       "--template", "a photo")
+    assert code == 2 and "placeholder" in err
+
+
+def test_train_then_eval_round_trip_on_a_folder_dataset(tmp_path, capsys, small_ckpt):
+    root = make_folder(tmp_path / "ds", per=3)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", str(small_ckpt), "--method", "coop", "--dataset",
+                       f"folder:{root}", "--shots", "2", "--epochs", "2", "--out", str(out),
+                       "--set", "host.n_ctx=4", "host.ctx_init='a photo of a'")
+    assert code == 0, err
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["config"]["host"]["n_ctx"] == 4 and rec["train"]["epochs"] == 2
+    code, _, err = run(capsys, "eval", "--model", str(small_ckpt), "--prompt", str(out / "prompt.safetensors"),
+                       "--dataset", f"folder:{root}", "--json", str(tmp_path / "e.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["metrics"]["accuracy"] == rec["metrics"]["accuracy"]
