@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="host options, e.g. n_ctx=4")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--model", default="small")
+    ap.add_argument("--eval-split", default="test", choices=["test", "val"])
     args = ap.parse_args()
     t0 = time.time()
     bb = load_backbone(args.model)
@@ -65,7 +66,7 @@ def main() -> None:
             ")", "")
         p = ProtocolConfig(protocol=args.protocol, method=method, datasets=args.datasets,
                            targets=args.targets or [], seeds=args.seeds, shots=args.shots, out=str(folder),
-                           model=args.model, epochs=args.epochs, lr=args.lr, gram=gram, gram_parts=part,
+                           model=args.model, epochs=args.epochs, lr=args.lr, gram=gram, gram_parts=part, eval_split=args.eval_split,
                            host=dict(host_over))
         ts = time.time()
         s = run_protocol(p, progress=False, bb=bb)

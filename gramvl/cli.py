@@ -176,7 +176,7 @@ def cmd_protocol(args) -> int:
         "protocol": args.protocol, "method": args.method, "datasets": args.datasets, "targets": args.targets,
         "seeds": args.seeds, "shots": args.shots, "out": args.out, "model": args.model, "weights": args.weights,
         "data_root": args.data_root, "device": args.device, "epochs": args.epochs, "lr": args.lr,
-        "batch_size": args.batch_size, "gram": args.gram}, _overrides(args))
+        "batch_size": args.batch_size, "gram": args.gram, "eval_split": args.eval_split}, _overrides(args))
     run_protocol(p, progress=not args.quiet)
     plot_summary(p.out)
     print((Path(p.out) / "summary.md").read_text())
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--targets", nargs="*", default=None)
     pr.add_argument("--seeds", nargs="+", type=int, default=None)
     pr.add_argument("--shots", nargs="+", type=int, default=None)
+    pr.add_argument("--eval-split", default=None, choices=["test", "val"], help="val: recipe tuning")
     pr.add_argument("--out", required=True)
     pr.set_defaults(func=cmd_protocol)
 

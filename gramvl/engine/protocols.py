@@ -50,6 +50,7 @@ class ProtocolConfig:
     train_views: int | None = None
     gram: str | None = None
     gram_parts: str = "both"
+    eval_split: str = "test"  # 'val' for recipe tuning (never tune on test)
     host: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,7 +85,7 @@ def train_host(cfg: TrainConfig, bb: Backbone, ckpt: Path | None = None, progres
 
         info["gram"] = attach(host, cfg.gram, parts=cfg.gram_parts)
     host_cls = HOSTS[cfg.method]
-    recipe = resolved_recipe(host_cls, cfg)
+    recipe = resolved_recipe(host_cls, cfg, bb.ident)
     info["recipe"] = asdict(recipe)
     if cfg.method == "linear_probe":
         val = get_dataset(cfg.dataset, "val", cfg.data_root)
@@ -102,12 +103,12 @@ def train_host(cfg: TrainConfig, bb: Backbone, ckpt: Path | None = None, progres
 
 
 def eval_sets(p: ProtocolConfig, dataset: str) -> dict[str, ImageDataset]:
-    test = get_dataset(dataset, "test", p.data_root)
+    test = get_dataset(dataset, p.eval_split, p.data_root)
     if p.protocol == "base2new":
         return {"base": split_base_new(test, "base"), "new": split_base_new(test, "new")}
     sets = {dataset: test}
     for t in resolve_targets(p):
-        sets[t] = get_dataset(t, "test", p.data_root)
+        sets[t] = get_dataset(t, p.eval_split, p.data_root)
     return sets
 
 

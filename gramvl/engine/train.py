@@ -48,8 +48,20 @@ class TrainConfig:
     host: dict[str, Any] = field(default_factory=dict)  # overrides of the method's paper defaults
 
 
-def resolved_recipe(host_cls, cfg: TrainConfig) -> Recipe:
+# Recipe scaling for gramvl's packaged small CLIP, chosen on *val* splits (docs/results/tuning_small.md).
+# Its learned logit scale is far below CLIP's 100, so prompt gradients are several times smaller and the
+# published learning rates barely move the prompts; epochs are cut to fit the 2-core budget. Empty = paper.
+SMALL_MODEL_SCALING: dict[str, dict[str, float]] = {}
+
+
+def resolved_recipe(host_cls, cfg: TrainConfig, backbone_ident: str = "") -> Recipe:
+    """The host's paper recipe for cfg.shots, scaled for the small CLIP, then cfg's explicit overrides."""
     base = host_cls.recipe_for(cfg.shots) if hasattr(host_cls, "recipe_for") else host_cls.default_recipe
+    scale = SMALL_MODEL_SCALING.get(host_cls.name, {}) if backbone_ident.startswith("gramvl-small") else {}
+    if scale:
+        base = replace(base, lr=base.lr * scale.get("lr_mult", 1.0),
+                       epochs=max(1, round(base.epochs * scale.get("epoch_mult", 1.0))),
+                       note=(base.note + "; " if base.note else "") + f"small-model scaling {scale}")
     over = {k: v for k, v in (("epochs", cfg.epochs), ("lr", cfg.lr), ("batch_size", cfg.batch_size),
                               ("train_views", cfg.train_views)) if v is not None}
     return replace(base, **over)
