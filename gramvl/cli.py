@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
         "method": args.method, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
         "subsample": args.subsample, "model": args.model, "weights": args.weights, "data_root": args.data_root,
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "device": args.device,
-        "gram": args.gram}, _overrides(args))
+        "gram": args.gram, "precision": args.precision}, _overrides(args))
     from gramvl.backbone import load_backbone
 
     bb = load_backbone(cfg.model, cfg.weights, device=cfg.device)
@@ -176,7 +176,8 @@ def cmd_protocol(args) -> int:
         "protocol": args.protocol, "method": args.method, "datasets": args.datasets, "targets": args.targets,
         "seeds": args.seeds, "shots": args.shots, "out": args.out, "model": args.model, "weights": args.weights,
         "data_root": args.data_root, "device": args.device, "epochs": args.epochs, "lr": args.lr,
-        "batch_size": args.batch_size, "gram": args.gram, "eval_split": args.eval_split}, _overrides(args))
+        "batch_size": args.batch_size, "gram": args.gram, "eval_split": args.eval_split,
+        "precision": args.precision}, _overrides(args))
     run_protocol(p, progress=not args.quiet)
     plot_summary(p.out)
     print((Path(p.out) / "summary.md").read_text())
@@ -202,6 +203,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--gram", default=None, help="GRAM artifact (.safetensors) to attach")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="autocast on GPU")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. host.n_ctx=16")
 
 

@@ -52,7 +52,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> int:
     return 0
 
 
-DEMO_DATASETS = ["emoji-nature", "emoji-activities"]
+DEMO_DATASETS = ["emoji-nature"]
 
 
 def gram_demo(bb, out: Path, quick: bool = False) -> None:
@@ -61,7 +61,7 @@ def gram_demo(bb, out: Path, quick: bool = False) -> None:
     from gramvl.gram.meta import MetaConfig
     from gramvl.gram.pipeline import MetaTrainJob, run_meta_train
 
-    budget = 30 if quick else 120
+    budget = 30 if quick else 90
     print(f"\nMeta-training GRAM for CoOp on the embedded meta-training corpus ({budget} s budget)...")
     art = run_meta_train(MetaTrainJob(meta=MetaConfig(host="coop", steps=100000, time_budget_s=budget)),
                          out / "gram_coop.safetensors", bb=bb)

@@ -18,6 +18,14 @@ def small_random_backbone():
 
 
 @pytest.fixture(scope="session")
+def small_packaged():
+    """The small CLIP shipped in the package (gramvl/assets)."""
+    from gramvl.backbone import load_backbone
+
+    return load_backbone("small")
+
+
+@pytest.fixture(scope="session")
 def vit_b16():
     from gramvl.backbone import load_backbone
 

@@ -9,7 +9,7 @@ from gramvl.errors import GramvlError
 NAMES = ["cat", "golden retriever", "t-shirt", "ankle boot"]
 
 
-@pytest.fixture(params=["vit_b16", "vit_b32", "small_random_backbone"])
+@pytest.fixture(params=["vit_b16", "vit_b32", "small_random_backbone", "small_packaged"])
 def bb(request):
     return request.getfixturevalue(request.param)
 
@@ -144,3 +144,12 @@ def test_corrupt_weights_file_is_a_clear_error(tmp_path):
     f.write_bytes(b"not a safetensors file")
     with pytest.raises(GramvlError, match="not a valid safetensors"):
         load_backbone("ViT-B-32", f)
+
+
+def test_packaged_small_clip_is_a_trained_vit_with_its_sidecar(small_packaged):
+    bb = small_packaged
+    assert bb.ident.startswith("gramvl-small:")
+    assert bb.is_vit and bb.vision_layers == 6 and bb.context_length == 32
+    hist = bb.meta["pretrain"]["state"]["history"]
+    assert hist and bb.meta["pretrain"]["state"]["best_step"] > 0
+    assert float(bb.logit_scale) > 14.3  # learned above CLIP's initial 1/0.07

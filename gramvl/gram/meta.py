@@ -43,7 +43,7 @@ class MetaConfig:
     inner_steps: int = 1
     inner_lr: float = 1.0
     outer_lr_theta: float = 2e-3
-    outer_lr_phi: float = 1e-3
+    outer_lr_phi: float = 1e-2
     second_order: bool = True
     shifted_weight: float = 1.0
     use_regulator: bool = True
@@ -226,7 +226,8 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
             break
     bar.close()
     seconds = time.time() - t0
-    diag = regulator_diagnostics(host, theta, psi, sampler, data, paths, np.random.default_rng(cfg.seed + 1))
+    diag = regulator_diagnostics(host, theta, psi, sampler, data, paths, np.random.default_rng(cfg.seed + 1),
+                                 lr=cfg.inner_lr)
     sidecar = {"format": ARTIFACT_FORMAT, "host": cfg.host, "unigram": cfg.unigram,
                "backbone": host.bb.ident, "slots": {n: list(theta[n].shape) for n in names},
                "regulator": psi.config() if psi is not None else None, "config": _jsonable(asdict(cfg)),
@@ -267,7 +268,7 @@ def _curve(history: list[dict], points: int = 50) -> list[dict]:
     return out
 
 
-def regulator_diagnostics(host, theta, psi, sampler, data, paths, rng, tasks: int = 16) -> dict:
+def regulator_diagnostics(host, theta, psi, sampler, data, paths, rng, tasks: int = 16, lr: float = 1.0) -> dict:
     """ψ* on real support gradients: cosine to identity, norm ratio, gate; plus inner-step gains with/without ψ."""
     if psi is None:
         return {}
@@ -287,7 +288,6 @@ def regulator_diagnostics(host, theta, psi, sampler, data, paths, rng, tasks: in
                 stats.setdefault(f"{modality_of(name)}.{k}", []).append(v)
         with torch.no_grad():
             base, _ = task_loss(host, th, qry, yq, paths)
-        lr = 1.0
         a = inner_adapt(host, theta, psi, sup, ys, paths, 1, lr, False)
         b = inner_adapt(host, theta, None, sup, ys, paths, 1, lr, False)
         with torch.no_grad():
