@@ -16,9 +16,19 @@ from gramvl.prompts.base import PromptLearner
 PARTS = ("both", "init", "regulator")
 
 
+def resolve_artifact(path: str | Path) -> Path:
+    """'default' names the artifact shipped with the package (meta-trained for CoOp-family hosts on the
+    packaged small CLIP); anything else is a file path."""
+    if str(path) == "default":
+        from gramvl.paths import assets_dir
+
+        return assets_dir() / "gram_coop.safetensors"
+    return Path(path)
+
+
 def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], RegulatorSet | None, dict]:
     """θ* tensors by slot name, the frozen ψ* (None if the artifact has none), and the sidecar."""
-    tensors, meta = load_tensors(path)
+    tensors, meta = load_tensors(resolve_artifact(path))
     if not meta or meta.get("format") != ARTIFACT_FORMAT:
         raise GramvlError(f"{path} is not a GRAM artifact (written by `gramvl meta-train`)")
     theta = {k[len("theta."):]: v for k, v in tensors.items() if k.startswith("theta.")}
