@@ -232,3 +232,12 @@ def test_attach_rejects_other_backbone_and_other_slot_shape(tmp_path):
 
         save_tensors(bad, {"a": torch.zeros(1)}, {"format": "something"})
         attach(ToyHost(), bad)
+
+
+def test_packaged_artifact_matches_the_packaged_clip_and_regulator_moved(small_packaged):
+    theta, psi, meta = load_artifact("default")
+    assert meta["backbone"] == small_packaged.ident
+    assert theta["text_ctx"].shape[-1] == small_packaged.text_width
+    diag = meta["psi_diagnostics"]
+    # a regulator that learned nothing would sit at cosine ~1 to the identity
+    assert diag["text.cos_to_identity_mean"] < 0.99
