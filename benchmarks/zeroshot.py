@@ -52,7 +52,7 @@ def main() -> None:
             probe = LinearProbe(bb, train.classnames)
             ftr, ytr = image_features(bb, train, progress=False)
             fva, yva = image_features(bb, val, progress=False)
-            probe.fit(ftr, ytr, fva, yva)
+            probe.fit(ftr, ytr, fva, yva, max_iter=150)
             fte, yte = image_features(bb, test, progress=False)
             with torch.no_grad():
                 lp.append(float((probe.logits({"features": fte}).argmax(1) == yte).float().mean()))
