@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true", help="meta-train again even if --work has an artifact")
     ap.add_argument("--ablations", action="store_true", help="add the row 'TPT + ψ* without structure'")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench-tta"))
+    ap.add_argument("--work", default="runs/bench-tta", help="relative to the repository root")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
