@@ -166,16 +166,11 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
         p.requires_grad_(False)
     history: list[dict] = []
     start, elapsed = 0, 0.0
-    if ckpt.is_file():
-        tensors, meta = load_tensors(ckpt)
-        if meta and meta.get("config") == _jsonable(asdict(cfg)):
-            for n in names:
-                theta[n].data.copy_(tensors[f"theta.{n}"])
-            if psi is not None:
-                psi.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("psi.")})
-            start, elapsed, history = meta["step"], meta["seconds"], meta["history"]
-            if progress:
-                print(f"resuming meta-training at step {start}")
+    resumed = resume_checkpoint(ckpt, cfg, theta, psi)
+    if resumed:
+        start, elapsed, history = resumed
+        if progress:
+            print(f"resuming meta-training at step {start}")
     rng = np.random.default_rng(cfg.seed + 7919 * start)
     t0 = time.time() - elapsed
     bar = tqdm(total=cfg.steps, initial=start, desc=f"meta-train {host.name}", disable=not progress,
@@ -239,6 +234,20 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     save_tensors(out, tensors, sidecar)
     write_json(out.with_name(out.stem + ".history.json"), history)
     return out
+
+
+def resume_checkpoint(ckpt: Path, cfg, theta: dict[str, torch.Tensor], psi) -> tuple[int, float, list] | None:
+    """Load θ and ψ from a meta-training checkpoint written with the same config; (step, seconds, history)."""
+    if not ckpt.is_file():
+        return None
+    tensors, meta = load_tensors(ckpt)
+    if not meta or meta.get("config") != _jsonable(asdict(cfg)):
+        return None
+    for n, p in theta.items():
+        p.data.copy_(tensors[f"theta.{n}"])
+    if psi is not None:
+        psi.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("psi.")})
+    return meta["step"], meta["seconds"], meta["history"]
 
 
 def _save_ckpt(path: Path, theta, psi, cfg: MetaConfig, step: int, seconds: float, history: list) -> None:

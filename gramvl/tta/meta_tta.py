@@ -29,10 +29,10 @@ from tqdm import tqdm
 from gramvl.backbone import Backbone
 from gramvl.errors import GramvlError
 from gramvl.gram.cmhc import CMHCConfig
-from gramvl.gram.meta import ARTIFACT_FORMAT, _curve, _jsonable
+from gramvl.gram.meta import ARTIFACT_FORMAT, _curve, _jsonable, resume_checkpoint
 from gramvl.gram.regulator import RegulatorSet
 from gramvl.gram.tasks import TaskConfig
-from gramvl.io import load_tensors, save_tensors, write_json
+from gramvl.io import save_tensors, write_json
 from gramvl.paths import cache_dir
 from gramvl.tta.structure import PROTOTYPE_MODES, StructureContext, StructuredRegulator
 from gramvl.tta.tpt import (
@@ -253,15 +253,11 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
     opt_p = torch.optim.Adam(psi_set.parameters(), lr=cfg.outer_lr_phi) if psi_set is not None else None
     history: list[dict] = []
     start, elapsed = 0, 0.0
-    if ckpt.is_file():
-        tensors, meta = load_tensors(ckpt)
-        if meta and meta.get("config") == _jsonable(asdict(cfg)):
-            theta.data.copy_(tensors["theta.text_ctx"])
-            if psi_set is not None:
-                psi_set.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("psi.")})
-            start, elapsed, history = meta["step"], meta["seconds"], meta["history"]
-            if progress:
-                print(f"resuming test-time meta-training at step {start}")
+    resumed = resume_checkpoint(ckpt, cfg, {"text_ctx": theta}, psi_set)
+    if resumed:
+        start, elapsed, history = resumed
+        if progress:
+            print(f"resuming test-time meta-training at step {start}")
     rng = np.random.default_rng(cfg.seed + 7919 * start)
     t0 = time.time() - elapsed
     bar = tqdm(total=cfg.steps, initial=start, desc="meta-train tta", disable=not progress, mininterval=2)
