@@ -23,8 +23,8 @@ def zeroshot_table(bb, names: list[str], progress: bool = True) -> tuple[list[li
         ds = get_dataset(name, "test")
         m = evaluate_zeroshot(bb, ds, progress=progress)
         metrics[name] = m
-        rows.append([name, ds.domain, m["num_classes"], m["n"], round(100 * m["accuracy"], 2),
-                     round(100 * m["chance"], 2), round(m["accuracy"] / m["chance"], 1)])
+        rows.append([name, ds.domain, m["num_classes"], m["n"], f"{100 * m['accuracy']:.2f}",
+                     f"{100 * m['chance']:.2f}", f"{m['accuracy'] / m['chance']:.1f}"])
     return rows, metrics
 
 
@@ -63,7 +63,7 @@ def gram_demo(bb, out: Path, quick: bool = False) -> None:
 
     budget = 30 if quick else 90
     print(f"\nMeta-training GRAM for CoOp on the embedded meta-training corpus ({budget} s budget)...")
-    art = run_meta_train(MetaTrainJob(meta=MetaConfig(host="coop", steps=100000, time_budget_s=budget)),
+    art = run_meta_train(MetaTrainJob(meta=MetaConfig(host="coop", steps=600, time_budget_s=budget)),
                          out / "gram_coop.safetensors", bb=bb)
     datasets = DEMO_DATASETS[:1] if quick else DEMO_DATASETS
     epochs = 10 if quick else 40
@@ -78,12 +78,12 @@ def gram_demo(bb, out: Path, quick: bool = False) -> None:
         row = [d]
         for label in summaries:
             e = summaries[label]["per_dataset"][d]
-            row += [round(100 * e["base"], 2), round(100 * e["new"], 2), round(100 * e["hm"], 2)]
+            row += [f"{100 * e[k]:.2f}" for k in ("base", "new", "hm")]
         rows.append(row)
     avg = ["**average**"]
     for label in summaries:
         a = summaries[label]["average"]
-        avg += [round(100 * a["base"], 2), round(100 * a["new"], 2), round(100 * a["hm"], 2)]
+        avg += [f"{100 * a[k]:.2f}" for k in ("base", "new", "hm")]
     rows.append(avg)
     table = markdown_table(["dataset", "CoOp base", "CoOp new", "CoOp HM", "+GRAM base", "+GRAM new",
                             "+GRAM HM"], rows)
