@@ -1,25 +1,45 @@
 #!/usr/bin/env bash
-# The benchmark runs behind docs/results/, in the order they were made (2 CPU cores).
-# Each python script writes its own JSON + markdown table into docs/results/.
+# The benchmark runs behind docs/results/, as they were made in session 1 (2 CPU cores, packaged small CLIP).
+# Each python script writes its own JSON + markdown table into docs/results/. Runs marked "&" ran side by side
+# (one thread each); wall times in the tables are therefore under load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 export OMP_WAIT_POLICY=PASSIVE
 
-# 1. zero-shot and 16-shot linear probe of the packaged small CLIP (issue: foundation)
-$PY benchmarks/zeroshot.py --seeds 1 2 3
-# 2. learning-rate tuning for the small CLIP on val splits (never test)
+# foundation: zero-shot and 16-shot linear probe (3 seeds)
+OMP_NUM_THREADS=1 $PY benchmarks/zeroshot.py --seeds 1 2 3
+# recipe tuning for the small CLIP on val splits (never test)
 OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods coop vpt --mults 1 10 50 --dataset emoji-nature --shots 4
-# 3. the default GRAM artifact for CoOp-family hosts (shipped in gramvl/assets)
-$PY -m gramvl meta-train --host coop --time-budget 420 --steps 100000 --out runs/gram/coop.safetensors
-# 4. host methods and GRAM, base-to-new and few-shot, 3 seeds
-OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name base2new_hosts --protocol base2new \
-    --methods zeroshot vpt --datasets emoji-nature --seeds 1 2 3 &
-OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name base2new_gram --protocol base2new \
-    --methods coop kgcoop prograd --gram runs/gram/coop.safetensors --datasets emoji-nature --seeds 1 2 3 &
+# the default GRAM artifact (shipped as gramvl/assets/gram_coop.*)
+OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --steps 600 --out runs/gram/coop.safetensors
+# hosts and GRAM through the protocols (emoji-nature, 3 seeds)
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name base2new_coop_gram --protocol base2new --methods coop \
+    --gram runs/gram/coop.safetensors --datasets emoji-nature --seeds 1 2 3 &
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name base2new_hosts --protocol base2new --methods zeroshot vpt \
+    --datasets emoji-nature --seeds 1 2 3
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name fewshot_coop_gram --protocol fewshot --methods coop \
+    --gram runs/gram/coop.safetensors --gram-parts both init regulator --datasets emoji-nature --shots 1 2 4 \
+    --seeds 1 2 3
 wait
-OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name fewshot_gram --protocol fewshot --methods coop \
-    --gram runs/gram/coop.safetensors --gram-parts both init regulator \
-    --datasets emoji-nature --shots 1 2 4 --seeds 1 2 3
-# 5. memory of 100/1000-class prompt tuning with the ViT-B/16 architecture
+# memory of 100/1000-class CoOp steps with the ViT-B/16 architecture
 $PY benchmarks/memory.py --classes 100 1000
+# GRAM with CoCoOp's context (M = 4, "a photo of a"), ψ's outer lr 1e-3
+OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --steps 600 \
+    --set 'meta.host_cfg={n_ctx: 4, ctx_init: "a photo of a"}' meta.outer_lr_phi=0.001 --out runs/gram/coop_m4.safetensors
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name base2new_coop4_gram --protocol base2new --methods coop \
+    --gram runs/gram/coop_m4.safetensors --gram-parts both init regulator --set n_ctx=4 'ctx_init=a photo of a' \
+    --datasets emoji-nature --seeds 1 2 3
+# test-time prompt tuning
+OMP_NUM_THREADS=1 $PY benchmarks/tta.py --datasets emoji-nature emoji-nature-lineart fashion-mnist --limit 30 \
+    --seeds 1 2 3 --gram runs/gram/coop.safetensors --meta-budget 120
+# a short meta-training (250 steps)
+$PY -m gramvl meta-train --host coop --steps 250 --out runs/gram/coop_250.safetensors
+$PY benchmarks/protocols.py --name base2new_coop_gram250 --protocol base2new --methods coop \
+    --gram runs/gram/coop_250.safetensors --gram-only --datasets emoji-nature --seeds 1 2 3
+# domain generalization and more hosts
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name dg_hosts --protocol dg --methods zeroshot coop \
+    --datasets emoji-nature --seeds 1 2 3 &
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name base2new_kg_prograd --protocol base2new \
+    --methods kgcoop prograd --datasets emoji-nature --seeds 1 2 3 &
+wait
