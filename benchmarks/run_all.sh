@@ -43,3 +43,9 @@ OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name dg_hosts --protocol dg --me
 OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name base2new_kg_prograd --protocol base2new \
     --methods kgcoop prograd --datasets emoji-nature --seeds 1 2 3 &
 wait
+# GRAM with a 3-step inner loop (M = 4 setting)
+OMP_NUM_THREADS=2 $PY -m gramvl meta-train --host coop --steps 400 \
+    --set 'meta.host_cfg={n_ctx: 4, ctx_init: "a photo of a"}' meta.inner_steps=3 --out runs/gram/coop_m4_t3.safetensors
+$PY benchmarks/protocols.py --name base2new_coop4_gram_t3 --protocol base2new --methods coop \
+    --gram runs/gram/coop_m4_t3.safetensors --gram-only --set n_ctx=4 'ctx_init=a photo of a' \
+    --datasets emoji-nature --seeds 1 2 3
