@@ -26,11 +26,6 @@ from gramvl.io import write_json, write_text
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cell(summary: dict, protocol: str, shots: str | None = None) -> dict:
-    block = summary["by_shots"][shots] if shots else summary
-    return block["average"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)

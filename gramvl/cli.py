@@ -103,7 +103,7 @@ def cmd_train(args) -> int:
     from gramvl.data.registry import get_dataset
     from gramvl.engine.protocols import train_host
     from gramvl.engine.results import make_record, markdown_table, save_record
-    from gramvl.engine.train import TrainConfig, evaluate
+    from gramvl.engine.train import TrainConfig, evaluate_sets
     from gramvl.io import save_tensors
 
     t0 = time.time()
@@ -121,15 +121,11 @@ def cmd_train(args) -> int:
                  {"format": "gramvl-prompt", "method": cfg.method, "backbone": bb.ident,
                   "classnames": host.classnames, "config": asdict(cfg)})
     test = get_dataset(cfg.dataset, cfg.eval_split, cfg.data_root)
-    metrics = {}
     if cfg.subsample == "base":
-        for part in ("base", "new"):
-            ds = split_base_new(test, part)
-            host.set_classnames(ds.classnames)
-            metrics[part] = evaluate(host, ds, cfg.device)["accuracy"]
+        metrics = evaluate_sets(host, {p: split_base_new(test, p) for p in ("base", "new")}, cfg.device)
         metrics["hm"] = harmonic_mean(metrics["base"], metrics["new"])
     else:
-        metrics["accuracy"] = evaluate(host, test, cfg.device)["accuracy"]
+        metrics = {"accuracy": evaluate_sets(host, {"test": test}, cfg.device)["test"]}
     print(markdown_table(list(metrics), [list(metrics.values())]), end="")
     save_record(out / "record.json", make_record("train", asdict(cfg) | {"backbone": bb.ident}, metrics,
                                                  time.time() - t0, train=info))

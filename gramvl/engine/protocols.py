@@ -22,7 +22,7 @@ from gramvl.data.features import image_features
 from gramvl.data.fewshot import harmonic_mean, sample_few_shot, split_base_new
 from gramvl.data.registry import get_dataset
 from gramvl.engine.results import make_record, markdown_table, save_record
-from gramvl.engine.train import TrainConfig, Trainer, evaluate, resolved_recipe, run_identity
+from gramvl.engine.train import TrainConfig, Trainer, evaluate_sets, resolved_recipe, run_identity
 from gramvl.errors import GramvlError
 from gramvl.io import write_json, write_text
 from gramvl.prompts import HOSTS, build_host
@@ -119,10 +119,7 @@ def run_unit(p: ProtocolConfig, bb: Backbone, dataset: str, shots: int, seed: in
     cfg = _train_cfg(p, dataset, shots, seed, subsample)
     ckpt = Path(p.out) / "checkpoints" / f"{dataset}_{shots}shot_seed{seed}.safetensors"
     host, info = train_host(cfg, bb, ckpt, progress)
-    metrics: dict = {}
-    for name, ds in eval_sets(p, dataset).items():
-        host.set_classnames(ds.classnames)
-        metrics[name] = evaluate(host, ds, device=p.device)["accuracy"]
+    metrics: dict = evaluate_sets(host, eval_sets(p, dataset), p.device)
     if p.protocol == "base2new":
         metrics["hm"] = harmonic_mean(metrics["base"], metrics["new"])
     elif p.protocol in ("xd", "dg"):

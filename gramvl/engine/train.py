@@ -240,11 +240,16 @@ def evaluate(host: PromptLearner, ds: ImageDataset, device: str = "cpu") -> dict
             "num_classes": len(ds.classnames)}
 
 
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
+def evaluate_sets(host: PromptLearner, sets: dict[str, ImageDataset], device: str = "cpu") -> dict[str, float]:
+    """Accuracy of `host` on each named dataset, switching its label space to each one's classes."""
+    out = {}
+    for name, ds in sets.items():
+        host.set_classnames(ds.classnames)
+        out[name] = evaluate(host, ds, device)["accuracy"]
+    return out
 
 
 def run_identity(cfg: TrainConfig, bb: Backbone, recipe: Recipe) -> dict:
-    d = config_dict(cfg)
+    d = asdict(cfg)
     d.pop("device", None)
     return {"config": _config_hash(d), "backbone": bb.ident, "recipe": _config_hash(asdict(recipe))}
