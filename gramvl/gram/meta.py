@@ -46,6 +46,7 @@ class MetaConfig:
     outer_lr_phi: float = 1e-2
     second_order: bool = True
     shifted_weight: float = 1.0
+    pre_weight: float = 0.0  # weight of the query loss *before* adaptation (keeps θ* a usable prompt)
     use_regulator: bool = True
     rank: int = 32
     grad_clip: float = 1.0
@@ -191,11 +192,11 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
             adapted = inner_adapt(host, theta, psi, sup, ys, paths, cfg.inner_steps, cfg.inner_lr,
                                   cfg.second_order)
             lq, lg = task_loss(host, adapted, qry, yq, paths)
-            with torch.no_grad():
-                _, pre = task_loss(host, theta, qry, yq, paths)
+            with torch.set_grad_enabled(cfg.pre_weight > 0):
+                lpre, pre = task_loss(host, theta, qry, yq, paths)
             rec["pre_acc"] += _acc(pre, yq) / cfg.meta_batch
             rec["post_acc"] += _acc(lg, yq) / cfg.meta_batch
-            loss = lq
+            loss = lq + cfg.pre_weight * lpre if cfg.pre_weight > 0 else lq
             if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
                 host.set_classnames(task.classnames_shift)
                 ysh = torch.as_tensor(task.shift_labels, dtype=torch.long)
