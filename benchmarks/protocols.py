@@ -21,7 +21,9 @@ from omegaconf import OmegaConf
 from gramvl.backbone import load_backbone
 from gramvl.engine.protocols import ProtocolConfig, run_protocol
 from gramvl.engine.results import markdown_table, versions
+from gramvl.engine.train import TrainConfig, resolved_recipe
 from gramvl.io import write_json, write_text
+from gramvl.prompts import HOSTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +42,8 @@ def main() -> None:
     ap.add_argument("--shots", nargs="+", type=int, default=[16])
     ap.add_argument("--epochs", type=int, default=None, help="override every host's epochs (small-model budget)")
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr-control", type=float, default=None, metavar="X",
+                    help="also run each method (no GRAM) with its resolved recipe lr times X (e.g. 0.95)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="host options, e.g. n_ctx=4")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--model", default="small")
@@ -51,17 +55,22 @@ def main() -> None:
     variants = []
     for m in args.methods:
         if not args.gram_only:
-            variants.append((m, None, "both"))
+            variants.append((m, None, "both", None))
+        if args.lr_control:
+            cfg = TrainConfig(method=m, dataset=args.datasets[0], shots=args.shots[0], epochs=args.epochs)
+            variants.append((m, None, "both", resolved_recipe(HOSTS[m], cfg, bb.ident).lr * args.lr_control))
         if args.gram:
-            variants += [(m, args.gram, part) for part in args.gram_parts]
+            variants += [(m, args.gram, part, None) for part in args.gram_parts]
     results = {}
-    for method, gram, part in variants:
+    for method, gram, part, lr in variants:
         label = method + ("" if not gram else (" + GRAM" if part == "both" else f" + GRAM ({part} only)"))
+        if lr is not None:
+            label += f" (lr x{args.lr_control})"
         folder = Path(args.runs) / args.name / label.replace(" ", "").replace("+", "_").replace("(", "").replace(
             ")", "")
         p = ProtocolConfig(protocol=args.protocol, method=method, datasets=args.datasets,
                            targets=args.targets or [], seeds=args.seeds, shots=args.shots, out=str(folder),
-                           model=args.model, epochs=args.epochs, lr=args.lr, gram=gram, gram_parts=part, eval_split=args.eval_split,
+                           model=args.model, epochs=args.epochs, lr=lr if lr is not None else args.lr, gram=gram, gram_parts=part, eval_split=args.eval_split,
                            host=dict(host_over))
         ts = time.time()
         s = run_protocol(p, progress=False, bb=bb)
