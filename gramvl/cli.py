@@ -251,6 +251,11 @@ def cmd_demo(args) -> int:
     return run_demo(out=args.out, quick=args.quick)
 
 
+CORPUS_HELP = ("'world', a CSV/TSV of image path, caption, WebDataset tar shards (a folder of .tar files, "
+               "'shards/{000000..000009}.tar' or one .tar; needs gramvl[scale]) or a folder of extracted "
+               "feature shards")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gramvl", description="GRAM: gradient-regulated meta-prompt learning "
                                 "for CLIP-style vision-language models")
@@ -327,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(mt)
     mt.add_argument("--host", default="coop", help="coop, cocoop, vpt, maple, ivlp, ...")
     mt.add_argument("--unigram", action="store_true", help="text and visual slots jointly (UNIGRAM)")
-    mt.add_argument("--corpus", default="world", help="'world' or a CSV/TSV file of image path, caption")
+    mt.add_argument("--corpus", default="world", help=CORPUS_HELP)
     mt.add_argument("--hierarchy", default="cmhc", choices=["cmhc", "flat", "random"])
     mt.add_argument("--steps", type=int, default=None)
     mt.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
@@ -343,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("cluster", help="cross-modal hierarchical clustering of an image-text corpus")
     _add_model_args(cl)
-    cl.add_argument("--corpus", default="world")
+    cl.add_argument("--corpus", default="world", help=CORPUS_HELP)
     cl.add_argument("--hierarchy", default="cmhc", choices=["cmhc", "flat", "random"])
     cl.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="CMHC options, e.g. k1=12")
     cl.add_argument("--out", required=True)

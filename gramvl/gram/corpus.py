@@ -38,7 +38,8 @@ def _normalize_np(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class CorpusFeatures:
-    """Image features zI [N, D] and caption features zT [N, D] (float32, L2-normalized; arrays or memmaps)."""
+    """Image features zI [N, D] and caption features zT [N, D] (L2-normalized; arrays, memmaps or
+    `ShardedArray`s over feature shards, float32 or float16: readers cast rows to float32)."""
 
     zI: np.ndarray
     zT: np.ndarray
@@ -100,8 +101,13 @@ class CorpusFeatures:
 
     @classmethod
     def load(cls, folder: str | Path, mmap: bool = True) -> CorpusFeatures:
-        """Open a saved corpus; the feature arrays are memory-mapped (read-only) unless mmap=False."""
+        """Open a saved corpus (one zI/zT pair, or a folder of feature shards with a manifest.json); the
+        feature arrays are memory-mapped (read-only) unless mmap=False."""
         folder = Path(folder)
+        if (folder / "manifest.json").is_file():
+            from gramvl.gram.shards import load_feature_shards
+
+            return load_feature_shards(folder, mmap=mmap)
         meta_path = folder / "corpus.json"
         if not meta_path.is_file():
             raise GramvlError(f"no corpus features in {folder} (corpus.json missing)")

@@ -14,6 +14,13 @@ from gramvl.errors import GramvlError
 from gramvl.gram.cmhc import CMHCConfig, Hierarchy, cmhc
 from gramvl.gram.corpus import CorpusFeatures, encode_corpus
 from gramvl.gram.meta import CorpusBatches, MetaConfig, meta_train
+from gramvl.gram.shards import (
+    ShardedArray,
+    extract_shard_features,
+    is_feature_folder,
+    is_shard_spec,
+    shard_batches,
+)
 from gramvl.gram.tasks import TaskConfig, TaskSampler
 from gramvl.paths import cache_dir
 from gramvl.prompts import build_host
@@ -25,24 +32,27 @@ HIERARCHIES = ("cmhc", "flat", "random")
 class MetaTrainJob:
     """Everything `gramvl meta-train` needs; ablations are fields."""
 
-    corpus: str = "world"  # 'world' (the embedded meta-training corpus) or a CSV/TSV file of path,caption
+    corpus: str = "world"  # 'world', a CSV/TSV of path,caption, WebDataset tar shards or a feature folder
     model: str = "small"
     weights: str | None = None
     hierarchy: str = "cmhc"  # cmhc | flat | random (ablations)
     meta: MetaConfig = field(default_factory=MetaConfig)
     tasks: TaskConfig = field(default_factory=TaskConfig)
     cmhc: CMHCConfig = field(default_factory=CMHCConfig)
+    feature_dtype: str = "float16"  # storage of features extracted from tar shards (float16 | float32)
 
 
 def load_pairs(corpus: str) -> list[dict]:
-    """Image-caption pairs: the embedded meta-training corpus, or a CSV/TSV with columns path, caption."""
+    """Image-caption pairs: the embedded meta-training corpus, or a CSV/TSV with columns path, caption
+    (WebDataset tar shards are streamed by `corpus_features` instead)."""
     if corpus == "world":
         from gramvl.data.world import load_meta_pairs
 
         return load_meta_pairs()
     path = Path(corpus)
     if not path.is_file():
-        raise GramvlError(f"corpus file not found: {path} (use 'world' or a CSV/TSV of image path, caption)")
+        raise GramvlError(f"corpus not found: {path} (use 'world', a CSV/TSV of image path, caption, WebDataset "
+                          "tar shards (a folder, shards/{000000..000009}.tar, or one .tar) or a feature folder)")
     delim = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
@@ -83,7 +93,21 @@ def build_hierarchy(feats: CorpusFeatures, kind: str, cfg: CMHCConfig, progress:
     return h
 
 
-def corpus_features(bb: Backbone, corpus: str, progress: bool = True) -> CorpusFeatures:
+def corpus_features(bb: Backbone, corpus: str, progress: bool = True, dtype: str = "float16") -> CorpusFeatures:
+    """Frozen features of a corpus: 'world' or a CSV/TSV (encoded, cached), WebDataset tar shards (a folder,
+    brace pattern, glob or one .tar: streamed into cached feature shards, resumable), or a folder of
+    feature shards written earlier (must come from the same backbone)."""
+    if corpus != "world" and is_feature_folder(corpus):
+        feats = CorpusFeatures.load(corpus)
+        if feats.ident and feats.ident != bb.ident:
+            raise GramvlError(f"the features in {corpus} come from {feats.ident}, not from {bb.ident}; "
+                              "extract them again with this backbone")
+        if feats.dim != bb.embed_dim:
+            raise GramvlError(f"the features in {corpus} have dimension {feats.dim}, the backbone "
+                              f"{bb.embed_dim}")
+        return feats
+    if corpus != "world" and is_shard_spec(corpus):
+        return extract_shard_features(bb, corpus, dtype=dtype, progress=progress)
     return encode_corpus(bb, load_pairs(corpus), progress=progress)
 
 
@@ -93,14 +117,17 @@ def run_meta_train(job: MetaTrainJob, out: str | Path, bb: Backbone | None = Non
 
     t0 = time.time()
     bb = bb or load_backbone(job.model, job.weights)
-    feats = corpus_features(bb, job.corpus, progress)
+    feats = corpus_features(bb, job.corpus, progress, job.feature_dtype)
     t_feat = time.time() - t0
     hier = build_hierarchy(feats, job.hierarchy, job.cmhc, progress)
     t_clu = time.time() - t0 - t_feat
     sampler = TaskSampler(hier, job.tasks)
     probe = sampler.sample(__import__("numpy").random.default_rng(0))
     host = build_host(job.meta.host, bb, probe.classnames, job.meta.host_cfg)
-    data = CorpusBatches(feats.zI, feats.paths, bb, need_images=not host.image_side_frozen)
+    if isinstance(feats.zI, ShardedArray):  # images (visual hosts) are read back from the tar shards
+        data = shard_batches(feats, bb, need_images=not host.image_side_frozen)
+    else:
+        data = CorpusBatches(feats.zI, feats.paths, bb, need_images=not host.image_side_frozen)
     extra = {"corpus": job.corpus, "pairs": len(feats), "hierarchy": job.hierarchy,
              "hierarchy_summary": {"domains": len(hier.domains()), "leaves": len(hier.leaves())},
              "task_config": asdict(job.tasks), "cmhc_config": asdict(job.cmhc),
