@@ -1,4 +1,7 @@
-"""`gramvl <command>`: a thin layer over the library. Every GramvlError is printed as one clear line."""
+"""`gramvl <command>`: a thin layer over the library. Every GramvlError is printed as one clear line.
+
+`train`, `protocol` and `meta-train` also run data-parallel under `torchrun --nproc_per_node N -m gramvl ...`
+(gramvl/dist.py): rank 0 prints and writes, the other ranks are quiet."""
 
 from __future__ import annotations
 
@@ -7,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+from gramvl import dist
 from gramvl.errors import GramvlError
+
+DATA_PARALLEL_COMMANDS = ("train", "protocol", "meta-train")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -117,15 +123,18 @@ def cmd_train(args) -> int:
     bb = load_backbone(cfg.model, cfg.weights, device=cfg.device)
     out = Path(args.out)
     host, info = train_host(cfg, bb, ckpt=out / "checkpoint.safetensors", progress=not args.quiet)
-    save_tensors(out / "prompt.safetensors", host.trainable_state(),
-                 {"format": "gramvl-prompt", "method": cfg.method, "backbone": bb.ident,
-                  "classnames": host.classnames, "config": asdict(cfg)})
+    if dist.is_main():
+        save_tensors(out / "prompt.safetensors", host.trainable_state(),
+                     {"format": "gramvl-prompt", "method": cfg.method, "backbone": bb.ident,
+                      "classnames": host.classnames, "config": asdict(cfg)})
     test = get_dataset(cfg.dataset, cfg.eval_split, cfg.data_root)
     if cfg.subsample == "base":
         metrics = evaluate_sets(host, {p: split_base_new(test, p) for p in ("base", "new")}, cfg.device)
         metrics["hm"] = harmonic_mean(metrics["base"], metrics["new"])
     else:
         metrics = {"accuracy": evaluate_sets(host, {"test": test}, cfg.device)["test"]}
+    if not dist.is_main():
+        return 0
     print(markdown_table(list(metrics), [list(metrics.values())]), end="")
     save_record(out / "record.json", make_record("train", asdict(cfg) | {"backbone": bb.ident}, metrics,
                                                  time.time() - t0, train=info))
@@ -175,6 +184,8 @@ def cmd_protocol(args) -> int:
         "batch_size": args.batch_size, "gram": args.gram, "eval_split": args.eval_split,
         "precision": args.precision}, _overrides(args))
     run_protocol(p, progress=not args.quiet)
+    if not dist.is_main():
+        return 0
     plot_summary(p.out)
     print((Path(p.out) / "summary.md").read_text())
     return 0
@@ -220,7 +231,19 @@ def cmd_meta_train(args) -> int:
                        + (["meta.use_regulator=false"] if args.no_regulator else [])
                        + (["meta.shifted_weight=0", "tasks.shifted_query=false"] if args.no_shifted_query else [])
                        + (["tasks.complexity_informed=false"] if args.no_complexity else []))
-    out = run_meta_train(job, args.out, progress=not args.quiet)
+    bb = None
+    if dist.active():
+        from gramvl.backbone import load_backbone
+        from gramvl.gram.pipeline import build_hierarchy, corpus_features
+
+        with dist.main_first():  # rank 0 encodes and clusters the corpus (both cached); the others read the caches
+            bb = load_backbone(job.model, job.weights)
+            if dist.is_main():
+                feats = corpus_features(bb, job.corpus, not args.quiet, job.feature_dtype)
+                build_hierarchy(feats, job.hierarchy, job.cmhc, not args.quiet)
+    out = run_meta_train(job, args.out, bb=bb, progress=not args.quiet)
+    if not dist.is_main():
+        return 0
     import json
 
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -365,16 +388,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _start_data_parallel(args) -> bool:
+    """Join torchrun's process group (if torchrun launched us); True when this call set it up."""
+    if not dist.launched():
+        return False
+    if args.command not in DATA_PARALLEL_COMMANDS or getattr(args, "tta", False):
+        raise GramvlError(f"`gramvl {args.command}{' --tta' if getattr(args, 'tta', False) else ''}` does not "
+                          f"run data-parallel; under torchrun use one of: {', '.join(DATA_PARALLEL_COMMANDS)} "
+                          f"(or run it as a single process)")
+    started = dist.init_from_env(getattr(args, "device", "cpu"))
+    if hasattr(args, "device"):
+        args.device = dist.device_for(args.device)
+    if not dist.is_main():
+        args.quiet = True  # progress bars and tables come from rank 0
+    return started
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    started = False
     try:
+        started = _start_data_parallel(args)
         return int(args.func(args) or 0)
     except GramvlError as e:
-        print(f"gramvl: error: {e}", file=sys.stderr)
+        print(f"gramvl: error{f' (rank {dist.rank()})' if dist.active() else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gramvl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if started:
+            dist.shutdown()
 
 
 if __name__ == "__main__":

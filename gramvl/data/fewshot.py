@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gramvl import dist
 from gramvl.data.base import ImageDataset
 from gramvl.errors import GramvlError
 from gramvl.io import write_json
@@ -76,7 +77,7 @@ def sample_few_shot(dataset: ImageDataset, shots: int, seed: int, cache: bool = 
     indices = _read_cache(path, meta, len(dataset)) if path is not None and path.is_file() else None
     if indices is None:
         indices = draw_few_shot(dataset.labels, shots, seed)
-        if path is not None:
+        if path is not None and dist.is_main():  # under torchrun every rank draws the same; rank 0 caches
             write_json(path, {**meta, "indices": indices})
     out = dataset.subset(indices, suffix=f"@{shots}shot-seed{seed}")
     out.extra["fewshot"] = {"shots": shots, "seed": seed, "parent": dataset.name, "indices": indices}

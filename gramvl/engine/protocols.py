@@ -3,12 +3,14 @@
 Every (dataset, shots, seed) unit writes one JSON record under OUT/records/; a unit whose record exists is
 skipped (an interrupted protocol resumes). The aggregate (mean ± std over seeds; HM computed here) is
 written as OUT/summary.json + OUT/summary.md and can be rebuilt from records with `gramvl report OUT`.
+Under torchrun every rank runs every unit (data-parallel inside); rank 0 alone writes the folder.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from gramvl import dist
 from gramvl.backbone import Backbone, load_backbone
 from gramvl.data.base import ImageDataset
 from gramvl.data.features import image_features
@@ -117,7 +120,7 @@ def run_unit(p: ProtocolConfig, bb: Backbone, dataset: str, shots: int, seed: in
     t0 = time.time()
     subsample = "base" if p.protocol == "base2new" else "all"
     cfg = _train_cfg(p, dataset, shots, seed, subsample)
-    ckpt = Path(p.out) / "checkpoints" / f"{dataset}_{shots}shot_seed{seed}.safetensors"
+    ckpt = Path(p.out) / "checkpoints" / f"{unit_name(dataset, shots, seed)}.safetensors"
     host, info = train_host(cfg, bb, ckpt, progress)
     metrics: dict = evaluate_sets(host, eval_sets(p, dataset), p.device)
     if p.protocol == "base2new":
@@ -134,8 +137,14 @@ def run_unit(p: ProtocolConfig, bb: Backbone, dataset: str, shots: int, seed: in
                        seed=seed, method=p.method, gram=bool(p.gram))
 
 
+def unit_name(dataset: str, shots: int, seed: int) -> str:
+    """File name of a unit; 'folder:/data/x' becomes 'folder__data_x' (one file, not nested folders)."""
+    safe = re.sub(r"[/:\\]", "_", dataset)
+    return f"{safe}_{shots}shot_seed{seed}"
+
+
 def record_path(out: str | Path, dataset: str, shots: int, seed: int) -> Path:
-    return Path(out) / "records" / f"{dataset}_{shots}shot_seed{seed}.json"
+    return Path(out) / "records" / f"{unit_name(dataset, shots, seed)}.json"
 
 
 def run_protocol(p: ProtocolConfig, progress: bool = True, bb: Backbone | None = None) -> dict:
@@ -146,15 +155,18 @@ def run_protocol(p: ProtocolConfig, progress: bool = True, bb: Backbone | None =
     bb = bb or load_backbone(p.model, p.weights, device=p.device)
     shots = p.shots if p.protocol == "fewshot" else [max(p.shots)]
     datasets = p.datasets[:1] if p.protocol == "xd" else p.datasets
-    write_json(Path(p.out) / "protocol.json", asdict(p))
+    if dist.is_main():
+        write_json(Path(p.out) / "protocol.json", asdict(p))
     for d in datasets:
         for k in shots:
             for s in p.seeds:
                 path = record_path(p.out, d, k, s)
-                if path.is_file():
+                if dist.broadcast_object(path.is_file()):  # rank 0 decides: all ranks skip the same units
                     continue
-                save_record(path, run_unit(p, bb, d, k, s, progress))
-    return summarize(p.out)
+                rec = run_unit(p, bb, d, k, s, progress)
+                if dist.is_main():
+                    save_record(path, rec)
+    return dist.broadcast_object(summarize(p.out) if dist.is_main() else None)
 
 
 # ----------------------------------------------------------------------------------------- aggregate

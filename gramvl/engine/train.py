@@ -1,5 +1,9 @@
 """One training loop for every host: SGD/AdamW with warmup + cosine, checkpoints of trainable parts only,
-resume, autocast on GPU, progress bars. Frozen-image hosts train on cached feature views."""
+resume, autocast on GPU, progress bars. Frozen-image hosts train on cached feature views.
+
+Under torchrun (gramvl/dist.py) the loop is data-parallel: every rank draws the same global batches, computes
+the loss of its slice, and gradients are summed over ranks inside autograd, weighted by slice size, so the
+update is the single-process one; `predict` shards the evaluation set and gathers the logits."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from gramvl import dist
 from gramvl.backbone import Backbone
 from gramvl.data.base import ImageDataset
 from gramvl.data.features import image_features
@@ -134,7 +139,7 @@ class Trainer:
                 yield {"images": x.to(self.device)}, y.to(self.device)
 
     def _save(self, epoch: int, opt: torch.optim.Optimizer) -> None:
-        if not self.ckpt:
+        if not self.ckpt or not dist.is_main():
             return
         tensors = {f"state.{k}": v for k, v in self.host.trainable_state().items()}
         params = [p for gr in opt.param_groups for p in gr["params"]]
@@ -161,6 +166,20 @@ class Trainer:
         self.history = meta.get("history", [])
         return int(meta["epoch"])
 
+    def _backward(self, batch: dict, y: torch.Tensor) -> torch.Tensor:
+        """host.backward on this rank's slice of the global batch; returns the global batch's loss."""
+        if not dist.active():
+            return self.host.backward(batch, y)
+        n = len(y)
+        s, e = dist.shard(n)
+        weight = (e - s) / n
+        if e == s:  # fewer samples than ranks: take part in the gradient sums with a zero weight
+            s, e = 0, 1
+        part = {k: v[s:e] for k, v in batch.items()}
+        with dist.reducing_gradients(weight):
+            loss = self.host.backward(part, y[s:e])
+        return dist.all_reduce_sum(loss.detach().float() * weight)
+
     def fit(self, train_ds: ImageDataset, on_epoch: Callable | None = None) -> dict:
         host, r = self.host, self.recipe
         torch.manual_seed(self.seed)
@@ -172,11 +191,18 @@ class Trainer:
                                          progress=self.progress)
         opt = _optimizer(params, r)
         start = self._resume(opt)
+        if dist.active():
+            if len(set(dist.all_gather_object(start))) > 1:
+                raise GramvlError(f"ranks resumed {self.ckpt} at different epochs; the output folder must be "
+                                  f"on a filesystem that every rank sees")
+            dist.broadcast_tensors(params)  # identical start on every rank, as DistributedDataParallel does
+            for p in params:
+                dist.add_gradient_hook(p)  # gradients are summed over ranks before any other hook sees them
         t0 = time.time()
         steps = 0
         n_batches = None
-        bar = tqdm(total=r.epochs, initial=start, desc=f"train {host.name}", disable=not self.progress,
-                   leave=False, mininterval=2)
+        bar = tqdm(total=r.epochs, initial=start, desc=f"train {host.name}",
+                   disable=not (self.progress and dist.is_main()), leave=False, mininterval=2)
         for epoch in range(start, r.epochs):
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             host.train()
@@ -189,7 +215,7 @@ class Trainer:
                     gr["lr"] = lr
                 opt.zero_grad(set_to_none=True)
                 with self._autocast():
-                    loss = host.backward(batch, y)
+                    loss = self._backward(batch, y)
                 opt.step()
                 tot += float(loss)
                 cnt += 1
@@ -204,15 +230,19 @@ class Trainer:
                 self._save(epoch + 1, opt)
         bar.close()
         host.eval()
-        return {"epochs": r.epochs, "resumed_from": start, "steps": steps, "seconds": time.time() - t0,
+        info = {"epochs": r.epochs, "resumed_from": start, "steps": steps, "seconds": time.time() - t0,
                 "steps_per_second": steps / max(1e-9, time.time() - t0), "batches_per_epoch": n_batches,
                 "final_loss": self.history[-1]["loss"] if self.history else None}
+        if dist.active():
+            info["world_size"] = dist.world()
+        return info
 
 
 @torch.no_grad()
 def predict(host: PromptLearner, ds: ImageDataset, batch_size: int = 512, progress: bool = False,
             device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [N, C] and labels [N] of `host` on `ds` (cached features when the image side is frozen)."""
+    """Logits [N, C] and labels [N] of `host` on `ds` (cached features when the image side is frozen).
+    Under torchrun every rank must call it: each computes a shard and all receive the gathered result."""
     host.eval()
     frozen = host.frozen_text() if hasattr(host, "frozen_text") else contextlib.nullcontext()
     with frozen:
@@ -220,18 +250,29 @@ def predict(host: PromptLearner, ds: ImageDataset, batch_size: int = 512, progre
 
 
 def _predict(host, ds, batch_size, progress, device):
+    lo, hi = dist.shard(len(ds))  # this rank's contiguous share of the evaluation set (all of it in one process)
     if host.image_side_frozen:
         feats, labels = image_features(host.bb, ds, progress=progress)
-        outs = [host.logits({"features": feats[s:s + batch_size].to(device)}).float().cpu()
-                for s in range(0, len(feats), batch_size)]
-        return torch.cat(outs), labels
-    loader = torch.utils.data.DataLoader(ds.with_transform(host.bb.transform(False)), batch_size=min(batch_size, 256),
-                                         shuffle=False, num_workers=0)
+        outs = [host.logits({"features": feats[s:min(s + batch_size, hi)].to(device)}).float().cpu()
+                for s in range(lo, hi, batch_size)]
+        return _gather(outs, len(host.classnames)), labels
+    data = ds.with_transform(host.bb.transform(False))
+    if dist.active():
+        data = torch.utils.data.Subset(data, range(lo, hi))
+    loader = torch.utils.data.DataLoader(data, batch_size=min(batch_size, 256), shuffle=False, num_workers=0)
     outs, labs = [], []
-    for x, y in tqdm(loader, desc=f"eval {ds.key}", disable=not progress, leave=False):
+    for x, y in tqdm(loader, desc=f"eval {ds.key}", disable=not (progress and dist.is_main()), leave=False):
         outs.append(host.logits({"images": x.to(device)}).float().cpu())
         labs.append(y)
-    return torch.cat(outs), torch.cat(labs)
+    return _gather(outs, len(host.classnames)), _gather(labs, None)
+
+
+def _gather(parts: list[torch.Tensor], width: int | None) -> torch.Tensor:
+    """Concatenate this rank's batches, then every rank's shares in rank order (a plain cat in one process)."""
+    if not dist.active():
+        return torch.cat(parts)
+    empty = torch.zeros(0, width) if width is not None else torch.zeros(0, dtype=torch.long)
+    return dist.gather_rows(torch.cat(parts) if parts else empty)
 
 
 def evaluate(host: PromptLearner, ds: ImageDataset, device: str = "cpu") -> dict:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from gramvl import dist
 from gramvl.errors import GramvlError
 from gramvl.gram.meta import ARTIFACT_FORMAT
 from gramvl.gram.regulator import RegulatorSet, modality_of
@@ -74,7 +75,8 @@ def attach(host: PromptLearner, artifact: str | Path, parts: str = "both") -> di
             done["init"].append(name)
         if parts in ("both", "regulator") and psi is not None:
             reg = psi.regs[modality_of(name)]
-            slot.register_hook(lambda g, reg=reg: reg(g).to(g.dtype))
+            # ψ is nonlinear: under torchrun it must see the gradient summed over ranks, not this rank's share
+            dist.add_gradient_hook(slot, lambda g, reg=reg: reg(g).to(g.dtype))
             done["regulated"].append(name)
     host._gram_regulator = psi  # keep ψ alive with the host
     return done

@@ -8,6 +8,10 @@ Everything runs through `torch.func.functional_call` over the host's slot dict o
 never cloned. Second order (exact) or first order (the inner gradient is treated as a constant; φ still
 receives its exact gradient through ψ). Frozen-image hosts read cached corpus features; visual-prompt hosts
 read preprocessed corpus images.
+
+Under torchrun the meta-batch is task-parallel: every rank draws the same task sequence, computes its share
+of the meta_batch tasks, and the outer gradients (θ and φ) are summed over ranks before clipping and Adam,
+so every rank takes the single-process step; rank 0 writes checkpoints and the artifact.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm import tqdm
 
+from gramvl import dist
 from gramvl.errors import GramvlError
 from gramvl.gram.regulator import RegulatorSet, modality_of
 from gramvl.io import load_tensors, save_tensors, write_json
@@ -170,6 +175,12 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     resumed = resume_checkpoint(ckpt, cfg, theta, psi)
     if resumed:
         start, elapsed, history = resumed
+    if dist.active() and len(set(dist.all_gather_object(start))) > 1:
+        raise GramvlError(f"ranks resumed {ckpt} at different steps; the artifact folder must be on a "
+                          f"filesystem that every rank sees")
+    dist.broadcast_tensors(list(theta.values()) + (list(psi.parameters()) if psi is not None else []))
+    progress = progress and dist.is_main()
+    if resumed:
         if progress:
             print(f"resuming meta-training at step {start}")
     rng = np.random.default_rng(cfg.seed + 7919 * start)
@@ -182,8 +193,10 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
         if opt_p:
             opt_p.zero_grad(set_to_none=True)
         rec = {"loss": 0.0, "pre_acc": 0.0, "post_acc": 0.0, "shift_acc": 0.0}
-        for _ in range(cfg.meta_batch):
-            task = sampler.sample(rng)
+        for i in range(cfg.meta_batch):
+            task = sampler.sample(rng)  # every rank draws every task: the same sequence on all ranks
+            if i % dist.world() != dist.rank():
+                continue
             sup = data.batch(task.support_idx)
             qry = data.batch(task.query_idx)
             ys = torch.as_tensor(task.support_labels, dtype=torch.long)
@@ -205,6 +218,12 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
                 rec["shift_acc"] += _acc(lgs, ysh) / cfg.meta_batch
             (loss / cfg.meta_batch).backward()
             rec["loss"] += loss.item() / cfg.meta_batch
+        if dist.active():  # sum the ranks' shares of the meta-batch: the single-process outer gradient
+            outer = list(theta.values()) + (list(psi.parameters()) if psi is not None else [])
+            dist.all_reduce_grads(outer)
+            keys = ("loss", "pre_acc", "post_acc", "shift_acc")
+            rec.update(zip(keys, dist.all_reduce_sum(torch.tensor([rec[k] for k in keys],
+                                                                  dtype=torch.float64)).tolist(), strict=True))
         torch.nn.utils.clip_grad_norm_(list(theta.values()), cfg.grad_clip)
         opt_t.step()
         if opt_p:
@@ -216,12 +235,17 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
         bar.set_postfix(loss=f"{rec['loss']:.3f}", post=f"{rec['post_acc']:.2f}")
         done = step + 1 == cfg.steps
         over = cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s
-        if (step + 1) % cfg.checkpoint_every == 0 or done or over:
+        if cfg.time_budget_s and dist.active():
+            over = dist.broadcast_object(bool(over))  # rank 0's clock decides, so all ranks stop together
+        if ((step + 1) % cfg.checkpoint_every == 0 or done or over) and dist.is_main():
             _save_ckpt(ckpt, theta, psi, cfg, step + 1, time.time() - t0, history)
         if over:
             break
     bar.close()
     seconds = time.time() - t0
+    if not dist.is_main():
+        dist.barrier()  # returns once rank 0 has written the artifact
+        return out
     diag = regulator_diagnostics(host, theta, psi, sampler, data, paths, np.random.default_rng(cfg.seed + 1),
                                  lr=cfg.inner_lr)
     sidecar = {"format": ARTIFACT_FORMAT, "host": cfg.host, "unigram": cfg.unigram,
@@ -234,6 +258,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
         tensors.update({f"psi.{k}": v for k, v in psi.state_dict().items()})
     save_tensors(out, tensors, sidecar)
     write_json(out.with_name(out.stem + ".history.json"), history)
+    dist.barrier()
     return out
 
 
