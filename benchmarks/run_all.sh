@@ -49,3 +49,5 @@ OMP_NUM_THREADS=2 $PY -m gramvl meta-train --host coop --steps 400 \
 $PY benchmarks/protocols.py --name base2new_coop4_gram_t3 --protocol base2new --methods coop \
     --gram runs/gram/coop_m4_t3.safetensors --gram-only --set n_ctx=4 'ctx_init=a photo of a' \
     --datasets emoji-nature --seeds 1 2 3
+# data-parallel (torchrun, 2 gloo ranks) against single-process runs: train, base2new, meta-train
+$PY benchmarks/ddp.py
