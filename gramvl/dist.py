@@ -15,6 +15,7 @@ batch, as in a single process. Files are written by rank 0 only (`is_main`).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Callable, Iterator
 
@@ -22,6 +23,10 @@ import torch
 import torch.distributed as torch_dist
 
 from gramvl.errors import GramvlError
+
+# How long a rank waits in a collective. Rank 0 alone fills caches while the others wait at a barrier
+# (corpus encoding and clustering before meta-training), so this is longer than torch's 30-minute default.
+DEFAULT_TIMEOUT_S = 4 * 3600
 
 
 # ----------------------------------------------------------------------------------------- set-up
@@ -70,7 +75,11 @@ def init_from_env(device: str = "cpu") -> bool:
             raise GramvlError(f"--device {device} under torchrun, but CUDA is not available on this machine")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         backend = "cpu:gloo,cuda:nccl"
-    torch_dist.init_process_group(backend=backend)
+    try:
+        timeout = datetime.timedelta(seconds=float(os.environ.get("GRAMVL_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    except ValueError as e:
+        raise GramvlError(f"GRAMVL_DIST_TIMEOUT_S must be a number of seconds ({e})") from e
+    torch_dist.init_process_group(backend=backend, timeout=timeout)
     return True
 
 
