@@ -35,7 +35,7 @@ class CoOp(TextPromptHost):
             if cfg.csc and not cfg.ctx_init:
                 ctx = normal_init(len(self.classnames), cfg.n_ctx, bb.text_width)
             else:
-                ctx, self.fixed_words = context_init(bb, cfg.ctx_init, cfg.n_ctx, self.init_mode)
+                ctx, self.fixed_words = context_init(bb, cfg.ctx_init, cfg.n_ctx, cfg.ctx_init_mode or self.init_mode)
                 if cfg.csc:
                     ctx = ctx.unsqueeze(0).repeat(len(self.classnames), 1, 1)
         self.text_ctx = nn.Parameter(ctx.to(bb.device))
