@@ -179,6 +179,21 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:int(n)] for p, n in zip(parts, sizes.tolist(), strict=True)]).to(dev)
 
 
+def gather_round_robin(local: list[torch.Tensor], total: int, width: int,
+                       dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """The `total` items of a round-robin split (item i computed on rank i % world), in item order, on every
+    rank. `local` holds this rank's items in order, each a 1-D tensor of `width` values."""
+    if not active():
+        return list(local)
+    w = world()
+    buf = torch.zeros(-(-total // w), width, dtype=dtype)
+    for j, t in enumerate(local):
+        buf[j] = t.detach().to("cpu", dtype)
+    parts = [torch.empty_like(buf) for _ in range(w)]
+    torch_dist.all_gather(parts, buf)
+    return [parts[i % w][i // w] for i in range(total)]
+
+
 def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
     """Overwrite every rank's tensors with rank 0's (in place)."""
     if not active():
@@ -188,24 +203,6 @@ def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
             c = _comm_device(t.detach().clone())
             torch_dist.broadcast(c, src=0)
             t.copy_(c.to(t.device))
-
-
-def all_reduce_grads(params: list[torch.Tensor]) -> None:
-    """Sum `.grad` over ranks in place. A parameter without a gradient on some ranks counts as zero there;
-    one without a gradient on every rank keeps None (so optimizers skip it, as in a single process)."""
-    if not active():
-        return
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64)
-    torch_dist.all_reduce(has)
-    for p, h in zip(params, has.tolist(), strict=True):
-        if not h:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        g = _comm_device(p.grad)
-        torch_dist.all_reduce(g)
-        if g is not p.grad:
-            p.grad.copy_(g)
 
 
 # ----------------------------------------------------------------------------------------- gradients

@@ -41,7 +41,12 @@ def runs(tmp_path_factory):
                                        env={**env, "GRAMVL_HOME": str(base / f"home_{name}")})
     out = {}
     for name, p in procs.items():
-        log, _ = p.communicate(timeout=300)
+        try:
+            log, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.terminate()  # torchrun forwards SIGTERM to its workers
+            raise
         assert p.returncode == 0, f"{name} run failed:\n{log[-4000:]}"
         out[name] = {"tensors": load_file(str(base / name / "results.safetensors")),
                      "meta": json.loads((base / name / "meta.json").read_text()), "dir": base / name}
@@ -84,15 +89,15 @@ def test_training_resumes_from_a_checkpoint_under_torchrun(runs):
     _same(runs, "resume.text_ctx")
 
 
-def test_task_parallel_meta_training_equals_single_process(runs):
+def test_task_parallel_meta_training_equals_single_process_bit_for_bit(runs):
+    # per-task outer gradients are summed in task order, as one process accumulates them: with the same
+    # thread count (1 here) θ*, ψ* and the history are identical, not merely close
     keys = [k for k in runs["single"]["tensors"] if k.startswith("meta.")]
     assert "meta.theta.text_ctx" in keys and any(k.startswith("meta.psi.") for k in keys)
     for k in keys:
-        _same(runs, k)
-    single, ddp = runs["single"]["meta"]["meta.history"], runs["ddp"]["meta"]["meta.history"]
-    for a, b in zip(single, ddp, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["post_acc"] == pytest.approx(b["post_acc"], abs=1e-9)
+        a, b = runs["single"]["tensors"][k], runs["ddp"]["tensors"][k]
+        assert torch.equal(a, b), f"{k}: max |diff| {float((a - b).abs().max()):.3g}"
+    assert runs["single"]["meta"]["meta.history"] == runs["ddp"]["meta"]["meta.history"]
 
 
 def test_command_line_train_and_protocol_under_torchrun_match_single_process(runs):

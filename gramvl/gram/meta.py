@@ -9,9 +9,12 @@ never cloned. Second order (exact) or first order (the inner gradient is treated
 receives its exact gradient through ψ). Frozen-image hosts read cached corpus features; visual-prompt hosts
 read preprocessed corpus images.
 
-Under torchrun the meta-batch is task-parallel: every rank draws the same task sequence, computes its share
-of the meta_batch tasks, and the outer gradients (θ and φ) are summed over ranks before clipping and Adam,
-so every rank takes the single-process step; rank 0 writes checkpoints and the artifact.
+Under torchrun the meta-batch is task-parallel: every rank draws the same task sequence and computes the
+outer gradients (θ and φ) of its share of the meta_batch tasks; the per-task gradients are gathered and
+summed in task order before clipping and Adam, exactly as one process accumulates them, so every rank takes
+the single-process step bit for bit (given the same per-task arithmetic, i.e. the same thread count). The
+bi-level loop is sensitive to float rounding, which is why the order matters. Rank 0 writes checkpoints and
+the artifact.
 """
 
 from __future__ import annotations
@@ -193,6 +196,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
         if opt_p:
             opt_p.zero_grad(set_to_none=True)
         rec = {"loss": 0.0, "pre_acc": 0.0, "post_acc": 0.0, "shift_acc": 0.0}
+        mine: list[tuple[tuple, dict]] = []  # under torchrun: this rank's tasks (gradients, record terms)
         for i in range(cfg.meta_batch):
             task = sampler.sample(rng)  # every rank draws every task: the same sequence on all ranks
             if i % dist.world() != dist.rank():
@@ -207,23 +211,24 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
             lq, lg = task_loss(host, adapted, qry, yq, paths)
             with torch.set_grad_enabled(cfg.pre_weight > 0):
                 lpre, pre = task_loss(host, theta, qry, yq, paths)
-            rec["pre_acc"] += _acc(pre, yq) / cfg.meta_batch
-            rec["post_acc"] += _acc(lg, yq) / cfg.meta_batch
+            terms = {"pre_acc": _acc(pre, yq) / cfg.meta_batch, "post_acc": _acc(lg, yq) / cfg.meta_batch}
             loss = lq + cfg.pre_weight * lpre if cfg.pre_weight > 0 else lq
             if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
                 host.set_classnames(task.classnames_shift)
                 ysh = torch.as_tensor(task.shift_labels, dtype=torch.long)
                 lsh, lgs = task_loss(host, adapted, data.batch(task.shift_idx), ysh, paths)
                 loss = loss + cfg.shifted_weight * lsh
-                rec["shift_acc"] += _acc(lgs, ysh) / cfg.meta_batch
+                terms["shift_acc"] = _acc(lgs, ysh) / cfg.meta_batch
+            terms["loss"] = loss.item() / cfg.meta_batch
+            if dist.active():
+                mine.append((torch.autograd.grad(loss / cfg.meta_batch, _outer(theta, psi), allow_unused=True),
+                             terms))
+                continue
             (loss / cfg.meta_batch).backward()
-            rec["loss"] += loss.item() / cfg.meta_batch
-        if dist.active():  # sum the ranks' shares of the meta-batch: the single-process outer gradient
-            outer = list(theta.values()) + (list(psi.parameters()) if psi is not None else [])
-            dist.all_reduce_grads(outer)
-            keys = ("loss", "pre_acc", "post_acc", "shift_acc")
-            rec.update(zip(keys, dist.all_reduce_sum(torch.tensor([rec[k] for k in keys],
-                                                                  dtype=torch.float64)).tolist(), strict=True))
+            for k, v in terms.items():
+                rec[k] += v
+        if dist.active():
+            _accumulate_in_task_order(_outer(theta, psi), mine, cfg.meta_batch, rec)
         torch.nn.utils.clip_grad_norm_(list(theta.values()), cfg.grad_clip)
         opt_t.step()
         if opt_p:
@@ -260,6 +265,39 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     write_json(out.with_name(out.stem + ".history.json"), history)
     dist.barrier()
     return out
+
+
+def _outer(theta: dict, psi) -> list[torch.Tensor]:
+    return list(theta.values()) + (list(psi.parameters()) if psi is not None else [])
+
+
+_TERMS = ("pre_acc", "post_acc", "shift_acc", "loss")
+
+
+def _accumulate_in_task_order(params: list[torch.Tensor], mine: list[tuple[tuple, dict]], total: int,
+                              rec: dict) -> None:
+    """Gather every rank's per-task gradients and record terms, then add them into .grad and `rec` in task
+    order: the sums a single process accumulates with one backward() per task, bit for bit."""
+    sizes = [p.numel() for p in params]
+    width = len(params) + sum(sizes) + len(_TERMS)
+    packed = []
+    for grads, terms in mine:  # [has-gradient flags | gradients | record terms], float64 holds float32 exactly
+        flat = [torch.zeros(n, dtype=torch.float64) if g is None else g.reshape(-1).double()
+                for g, n in zip(grads, sizes, strict=True)]
+        flags = torch.tensor([g is not None for g in grads], dtype=torch.float64)
+        packed.append(torch.cat([flags, *flat, torch.tensor([terms.get(k, 0.0) for k in _TERMS],
+                                                            dtype=torch.float64)]))
+    for item in dist.gather_round_robin(packed, total, width):
+        flags, rest = item[:len(params)], item[len(params):]
+        for p, has, g in zip(params, flags.tolist(), rest[:sum(sizes)].split(sizes), strict=True):
+            if has:
+                g = g.to(p.dtype).reshape(p.shape)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad += g
+        for k, v in zip(_TERMS, rest[sum(sizes):].tolist(), strict=True):
+            rec[k] += v
 
 
 def resume_checkpoint(ckpt: Path, cfg, theta: dict[str, torch.Tensor], psi) -> tuple[int, float, list] | None:
