@@ -54,7 +54,7 @@ class MetaConfig:
     outer_lr_phi: float = 1e-2
     second_order: bool = True
     shifted_weight: float = 1.0
-    pre_weight: float = 0.0  # weight of the query loss *before* adaptation (keeps θ* a usable prompt)
+    pre_weight: float = 1.0  # weight of the query loss *before* adaptation (keeps θ* a usable prompt)
     use_regulator: bool = True
     rank: int = 32
     grad_clip: float = 1.0
