@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,76 @@ class ClassPrompts:
                             self.ctx_pos.to(device), self.eot.to(device), self.n_ctx, self.position)
 
 
+@dataclass
+class PackPlan:
+    """How class prompts that share a prefix are packed into few sequences (see `pack_plan`)."""
+
+    prefix: int  # length of the shared prefix ([SOT] + context + shared words)
+    src: torch.Tensor  # [G, P] flat index (class * L + position) of each packed token in the padded prompts
+    pos: torch.Tensor  # [G, P] original position of each packed token (positional embedding index)
+    mask: torch.Tensor  # [G, P, P] additive attention mask (0 allowed, -inf not)
+    eot: torch.Tensor  # [C] flat index (pack * P + offset) of each class's end-of-text token
+    padded: int  # tokens the padded encoding runs (C x cut length)
+    packed: int  # tokens the packed encoding runs (G x P)
+
+
+def pack_plan(tokens: torch.Tensor, eot: torch.Tensor, shared_until: int | None = None,
+              pack_tokens: int = 128) -> PackPlan:
+    """Pack prompts [C, L] whose rows share a prefix: each sequence holds the prefix once, then the rest
+    of several classes one after another; the mask lets each class's tokens see the prefix and its own
+    earlier tokens only. Under a causal mask this is exact: every prefix position has the same state in
+    every class, and a class's tokens never see another class's tokens.
+
+    `shared_until` caps the prefix (class-specific context slots make rows differ from that position on).
+    The classes are spread over G = ceil(rest tokens / (pack_tokens - prefix)) packs of nearly equal
+    length (longest rest first, into the shortest pack), so little padding is left.
+    """
+    C = tokens.shape[0]
+    ends = (eot + 1).tolist()
+    same = (tokens == tokens[:1]).all(0).long()
+    k = int(same.cumprod(0).sum())
+    k = min(k, min(ends))
+    if shared_until is not None:
+        k = min(k, shared_until)
+    k = max(k, 1)
+    rest = [e - k for e in ends]
+    G = max(1, math.ceil(sum(rest) / max(1, pack_tokens - k)))
+    groups: list[list[int]] = [[] for _ in range(G)]
+    fill = [k] * G
+    for c in sorted(range(C), key=lambda c: -rest[c]):  # longest first, into the least-filled pack
+        g = min(range(G), key=fill.__getitem__)
+        groups[g].append(c)
+        fill[g] += rest[c]
+    groups = [sorted(g) for g in groups if g]
+    G = len(groups)
+    P = max(k + sum(ends[c] - k for c in g) for g in groups)
+    L = tokens.shape[1]
+    src = torch.zeros(G, P, dtype=torch.long)
+    pos = torch.zeros(G, P, dtype=torch.long)
+    seg = torch.full((G, P), -2, dtype=torch.long)  # -1 prefix, c class c, -2 padding
+    eot_flat = torch.zeros(C, dtype=torch.long)
+    for g, members in enumerate(groups):
+        src[g, :k] = torch.arange(k)
+        pos[g, :k] = torch.arange(k)
+        seg[g, :k] = -1
+        o = k
+        for c in members:
+            n = ends[c] - k
+            src[g, o:o + n] = c * L + torch.arange(k, ends[c])
+            pos[g, o:o + n] = torch.arange(k, ends[c])
+            seg[g, o:o + n] = c
+            eot_flat[c] = g * P + o + n - 1
+            o += n
+        if o < P:  # padding repeats the last position; it only sees itself and the prefix
+            pos[g, o:] = pos[g, o - 1]
+            seg[g, o:] = torch.arange(-3, -3 - (P - o), -1)
+    i = torch.arange(P)
+    causal = i.view(1, P, 1) >= i.view(1, 1, P)
+    allowed = causal & ((seg.unsqueeze(1) == seg.unsqueeze(2)) | (seg == -1).unsqueeze(1))
+    mask = torch.zeros(G, P, P).masked_fill(~allowed, float("-inf"))
+    return PackPlan(k, src, pos, mask, eot_flat, C * int(max(ends)), G * P)
+
+
 class _TextTower:
     """Uniform view of open_clip's text tower (fields live on CLIP itself or on CustomTextCLIP.text)."""
 
@@ -78,6 +149,24 @@ def _run_blocks(transformer: nn.Module, x: torch.Tensor, attn_mask, replace) -> 
         else:
             x = block(x, attn_mask=attn_mask)
     return x
+
+
+def _run_blocks_seq_first(transformer: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """Blocks on batch-first x [N, L, d], run on a contiguous [L, N, d] copy with the attention modules
+    told so: nn.MultiheadAttention would otherwise transpose a batch-first input itself, and its input
+    projection on that strided view (input requiring grad) becomes L small batched matmuls instead of one."""
+    attns = [b.attn for b in transformer.resblocks]
+    flags = [a.batch_first for a in attns]
+    x = x.transpose(0, 1).contiguous()
+    try:
+        for a in attns:
+            a.batch_first = False
+        for block in transformer.resblocks:
+            x = block(x, attn_mask=attn_mask)
+    finally:
+        for a, f in zip(attns, flags, strict=True):
+            a.batch_first = f
+    return x.transpose(0, 1)
 
 
 class Backbone(nn.Module):
@@ -218,25 +307,92 @@ class Backbone(nn.Module):
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return x
 
+    def _pack_plan(self, cp: ClassPrompts, pack_tokens: int) -> PackPlan | None:
+        """The packing plan of `cp` (cached on it), or None when packing cannot apply or would not pay:
+        it needs a causal text tower of nn.MultiheadAttention blocks and context slots that lie in the
+        prefix all prompts share (class token at the end), and must save a quarter of the tokens."""
+        cache = cp.__dict__.setdefault("_pack_plans", {})
+        if pack_tokens not in cache:
+            t = self._text
+            plan = None
+            if t.attn_mask is not None and all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention)
+                                               for b in t.transformer.resblocks):
+                plan = pack_plan(cp.tokens.cpu(), cp.eot.cpu(), None, pack_tokens)
+                slots_shared = bool((cp.ctx_pos == cp.ctx_pos[:1]).all()) and int(cp.ctx_pos.max()) < plan.prefix
+                if not slots_shared or plan.packed > 0.75 * plan.padded:
+                    plan = None
+                else:
+                    dev = self.device
+                    plan = PackPlan(plan.prefix, plan.src.to(dev), plan.pos.to(dev),
+                                    plan.mask.to(dev, self.dtype), plan.eot.to(dev), plan.padded, plan.packed)
+            cache[pack_tokens] = plan
+        return cache[pack_tokens]
+
+    def _packed_text_features(self, cp: ClassPrompts, ctx: torch.Tensor | None, plan: PackPlan,
+                              chunk_size: int | None, checkpoint: bool) -> torch.Tensor:
+        """Features [..., C, D] (unnormalized) for a context shared by all classes: [..., 1, M, d] or None."""
+        t = self._text
+        C, L, d = cp.embeds.shape
+        G, P = plan.pos.shape
+        base = cp.__dict__.get("_packed_embeds")
+        if base is None or base.shape != (G, P, d):
+            base = cp.embeds.reshape(C * L, d)[plan.src.reshape(-1)].reshape(G, P, d)
+            base = base + t.positional_embedding[plan.pos].to(base.dtype)
+            cp.__dict__["_packed_embeds"] = base
+        if ctx is None:
+            x, lead = base, ()
+        else:
+            lead = ctx.shape[:-3]
+            slots = cp.ctx_pos[:1].expand(G, -1)  # the context sits at the same prefix slots of every pack
+            pe = t.positional_embedding[cp.ctx_pos[0]].to(base.dtype)
+            x = self._insert(base, slots, ctx.to(base.dtype) + pe)  # [..., G, P, d]
+        x = x.reshape(-1, P, d)
+        heads = t.transformer.resblocks[0].attn.num_heads
+
+        def run(h: torch.Tensor, first: int) -> torch.Tensor:
+            g = torch.arange(first, first + h.shape[0], device=h.device) % G  # pack of each row
+            mask = plan.mask.to(h.dtype)[g].repeat_interleave(heads, 0)  # [rows * heads, P, P]
+            return t.ln_final(_run_blocks_seq_first(t.transformer, h, mask))
+
+        step = max(1, chunk_size * G // C) if chunk_size else x.shape[0]  # about chunk_size classes per chunk
+        outs = []
+        for s in range(0, x.shape[0], step):
+            h = x[s:s + step]
+            outs.append(grad_checkpoint(run, h, s, use_reentrant=False) if checkpoint and torch.is_grad_enabled()
+                        else run(h, s))
+        h = torch.cat(outs).reshape(-1, G * P, d)[:, plan.eot]  # [N, C, d]
+        proj = t.text_projection
+        if proj is not None:
+            h = proj(h) if isinstance(proj, nn.Linear) else h @ proj
+        return h.reshape(*lead, C, -1)
+
     def prompted_text_features(self, cp: ClassPrompts, ctx: torch.Tensor | None,
                                deep: list[torch.Tensor] | None = None, normalize: bool = True,
-                               chunk_size: int | None = 256, checkpoint: bool = False) -> torch.Tensor:
+                               chunk_size: int | None = 256, checkpoint: bool = False,
+                               pack: bool = False, pack_tokens: int = 128) -> torch.Tensor:
         """Text features [..., C, D] with context ctx of shape [M, d], [C, M, d] or [B, 1|C, M, d].
 
         Classes are encoded in chunks of `chunk_size` rows (bounded memory); with `checkpoint` each chunk's
         activations are recomputed in backward instead of stored, so 1000-class tuning fits small GPUs.
         Deep prompts: list of [M, d] (or [C, M, d]) tensors for blocks 1..len(deep).
+
+        `pack`: encode the prefix that all class prompts share ([SOT] and a shared context) once per
+        sequence of several classes instead of once per class (exact under the causal mask; see
+        `pack_plan`). Used when it saves at least a quarter of the text tokens and no deep prompts are set.
         """
         C = len(cp.classnames)
-        if ctx is None:
-            x = cp.embeds
-        else:
+        if ctx is not None:
             if ctx.shape[-2:] != (cp.n_ctx, self.text_width):
                 raise GramvlError(f"prompt length mismatch: context of shape {tuple(ctx.shape)} does not fit "
                                   f"{cp.n_ctx} slots of width {self.text_width}")
             if ctx.dim() == 2:
                 ctx = ctx.unsqueeze(0)
-            x = self._insert(cp.embeds, cp.ctx_pos, ctx)
+        if pack and not deep and (ctx is None or ctx.shape[-3] == 1):
+            plan = self._pack_plan(cp, pack_tokens)
+            if plan is not None:
+                feats = self._packed_text_features(cp, ctx, plan, chunk_size, checkpoint)
+                return F.normalize(feats, dim=-1) if normalize else feats
+        x = cp.embeds if ctx is None else self._insert(cp.embeds, cp.ctx_pos, ctx)
         lead = x.shape[:-3]
         flat = x.reshape(-1, *x.shape[-2:])
         n_rep = flat.shape[0] // C

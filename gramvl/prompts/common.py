@@ -150,9 +150,13 @@ class TextPromptHost(Host):
         return self._cp
 
     def encode_classes(self, ctx: torch.Tensor, deep: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Normalized text features [..., C, D] for context ctx (chunked, optionally checkpointed)."""
+        """Normalized text features [..., C, D] for context ctx (chunked, optionally checkpointed).
+
+        A context shared by all classes ([M, d], or [B, 1, M, d] for CoCoOp) is encoded packed: the prompt
+        prefix that all classes share ([SOT] + context) runs once per sequence of several classes
+        (`gramvl.backbone.pack_plan`, exact), 3-4x fewer text tokens than one padded prompt per class."""
         return self.bb.prompted_text_features(self.prompts(), ctx, deep=deep, chunk_size=self.cfg.text_chunk,
-                                              checkpoint=self.cfg.checkpoint_text)
+                                              checkpoint=self.cfg.checkpoint_text, pack=True)
 
     def _cached(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         if not self._freeze_text:

@@ -37,6 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--augmix", action="store_true", help="AugMix views (TPT's choice for fine-grained sets)")
+    p.add_argument("--encode-precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast of the frozen image tower on the views (bf16: ~1.5x faster on CPUs with "
+                        "AVX512-BF16, features differ by ~1e-3)")
     p.add_argument("--json", default=None, help="write the run record here")
     p.set_defaults(func=tta_main)
     return p
@@ -56,7 +59,8 @@ def tta_main(args) -> int:
                         structure=not args.no_structure)
     steps = 0 if args.method == "zeroshot" else args.steps
     cfg = TPTConfig(n_views=args.n_views, selection=args.selection, steps=steps, lr=args.lr,
-                    augmix=args.augmix, batch_images=args.batch_images, seed=args.seed)
+                    augmix=args.augmix, batch_images=args.batch_images, seed=args.seed,
+                    encode_precision=args.encode_precision)
     tpt = TPT(bb, ds.classnames, init, cfg)
     res = run_tta(tpt, ds, args.limit, progress=not getattr(args, "quiet", False))
     m = res["metrics"]

@@ -15,6 +15,7 @@ With a regulator, each image's gradient passes through ψ(g) or ψ(g; e(x)) (str
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ from gramvl.gram.regulator import Regulator
 from gramvl.tta.structure import StructureContext, StructuredRegulator
 
 HAND_PROMPT = "a photo of a"
+ENCODE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAM_PARTS = ("both", "init", "regulator")
 
 
@@ -49,6 +51,8 @@ class TPTConfig:
     batch_images: int = 8  # test images tuned at once (independent contexts)
     text_chunk: int = 512  # rows per text-encoder chunk
     checkpoint_text: bool = False  # recompute text activations in backward (less memory)
+    pack_text: bool = True  # encode the prompt prefix shared by all classes once per packed sequence (exact)
+    encode_precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the frozen image tower on the views
     seed: int = 0  # drives the random views
 
     def __post_init__(self) -> None:
@@ -59,6 +63,9 @@ class TPTConfig:
             raise GramvlError(f"TPT needs at least one view, got n_views={self.n_views}")
         if not 0.0 < self.selection <= 1.0:
             raise GramvlError(f"the confidence selection fraction must be in (0, 1], not {self.selection}")
+        if self.encode_precision not in ENCODE_DTYPES:
+            raise GramvlError(f"encode precision must be one of {', '.join(ENCODE_DTYPES)}, not "
+                              f"{self.encode_precision!r}")
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise GramvlError(f"crop scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
@@ -390,7 +397,7 @@ class TPT:
     def text_features(self, ctx: torch.Tensor) -> torch.Tensor:
         """[C, D] for a context [M, d], [B, C, D] for contexts [B, 1, M, d]."""
         return self.bb.prompted_text_features(self.cp, ctx, chunk_size=self.cfg.text_chunk,
-                                              checkpoint=self.cfg.checkpoint_text)
+                                              checkpoint=self.cfg.checkpoint_text, pack=self.cfg.pack_text)
 
     def initial_text(self) -> torch.Tensor:
         """Class features [C, D] under the initial (untuned) context, cached."""
@@ -408,9 +415,16 @@ class TPT:
 
     @torch.no_grad()
     def encode_views(self, views: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-        """Frozen, normalized image features [B, V, D] of views [B, V, 3, S, S], computed once, no grad."""
+        """Frozen, normalized image features [B, V, D] of views [B, V, 3, S, S], computed once, no grad.
+
+        `encode_precision` bf16/fp16 runs the image tower under autocast (as TPT's code does on GPUs with
+        fp16); the features are returned in the backbone's dtype, normalized again there."""
         flat = views.flatten(0, 1).to(self.bb.device, self.bb.dtype)
-        feats = torch.cat([self.bb.encode_image(flat[s:s + chunk]) for s in range(0, flat.shape[0], chunk)])
+        dt = ENCODE_DTYPES[self.cfg.encode_precision]
+        with torch.autocast(self.bb.device.type, dtype=dt) if dt else contextlib.nullcontext():
+            feats = torch.cat([self.bb.encode_image(flat[s:s + chunk]) for s in range(0, flat.shape[0], chunk)])
+        if dt:
+            feats = torch.nn.functional.normalize(feats.to(self.bb.dtype), dim=-1)
         return feats.view(*views.shape[:2], -1)
 
     def tune(self, view_feats: torch.Tensor) -> torch.Tensor:
@@ -513,7 +527,8 @@ def run_tta(tpt: TPT, ds, limit: int | None = None, progress: bool = True, subse
 
 def _view_recipe(tpt: TPT) -> tuple:
     c = tpt.cfg
-    return (c.n_views, c.augmix, tuple(c.crop_scale), c.seed) if tpt.tunes else ("plain",)
+    views = (c.n_views, c.augmix, tuple(c.crop_scale), c.seed) if tpt.tunes else ("plain",)
+    return (*views, c.encode_precision)
 
 
 def run_tta_many(tuners: dict[str, TPT], ds, limit: int | None = None, progress: bool = True,
