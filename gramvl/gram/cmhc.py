@@ -177,7 +177,8 @@ def _spherical_kmeans_rows(rows: _Rows, k: int, iters: int = 25, seed=0, tol: fl
         best_obj, c = -math.inf, None
         for _ in range(max(1, n_init)):
             km = fs.Kmeans(rows.dim, k, niter=iters, nredo=1, seed=int(rng.integers(2**31 - 1)),
-                           spherical=True, verbose=False, max_points_per_centroid=-(-len(tn) // k))
+                           spherical=True, verbose=False, min_points_per_centroid=1,
+                           max_points_per_centroid=-(-len(tn) // k))
             km.train(tn, init_centroids=_kmeanspp(train, k, rng).numpy())
             if c is None or float(km.obj[-1]) > best_obj:  # spherical: sum of cosines, higher is better
                 best_obj, c = float(km.obj[-1]), np.asarray(km.centroids, dtype=np.float32).copy()
