@@ -22,7 +22,7 @@ OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name fewshot_coop_gram --protoco
     --gram runs/gram/coop.safetensors --gram-parts both init regulator --datasets emoji-nature --shots 1 2 4 \
     --seeds 1 2 3
 wait
-# memory of 100/1000-class CoOp steps with the ViT-B/16 architecture
+# memory of 100/1000-class CoOp steps and GRAM meta-training steps with the ViT-B/16 architecture
 $PY benchmarks/memory.py --classes 100 1000
 # GRAM with CoCoOp's context (M = 4, "a photo of a"), ψ's outer lr 1e-3
 OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --steps 600 \
@@ -51,3 +51,5 @@ $PY benchmarks/protocols.py --name base2new_coop4_gram_t3 --protocol base2new --
     --datasets emoji-nature --seeds 1 2 3
 # data-parallel (torchrun, 2 gloo ranks) against single-process runs: train, base2new, meta-train
 $PY benchmarks/ddp.py
+# CMHC at 1M pairs from memory-mapped feature shards (faiss and torch k-means; needs gramvl[scale])
+$PY benchmarks/cmhc_scale.py --sizes 1000000 200000 --torch-sizes 1000000 200000 --low-memory-sizes 1000000
