@@ -169,6 +169,31 @@ def _run_blocks_seq_first(transformer: nn.Module, x: torch.Tensor, attn_mask: to
     return x.transpose(0, 1)
 
 
+def _plain_block(block: nn.Module) -> bool:
+    """open_clip's ResidualAttentionBlock with a self-attention nn.MultiheadAttention (what `_block_sdpa`
+    re-states); anything else goes through the module's own forward."""
+    attn = getattr(block, "attn", None)
+    return (type(block).__name__ == "ResidualAttentionBlock" and isinstance(attn, nn.MultiheadAttention)
+            and attn._qkv_same_embed_dim and attn.in_proj_bias is not None and attn.bias_k is None
+            and not attn.add_zero_attn and not hasattr(block, "ln_1_kv") and attn.dropout == 0.0)
+
+
+def _block_sdpa(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """open_clip's ResidualAttentionBlock.forward on batch-first x [N, L, d] with an additive mask that
+    broadcasts over heads ([N or 1, 1, L, L]): the same operations as nn.MultiheadAttention (packed
+    input projection, scaled dot-product attention, output projection), without its layout round trips
+    (a strided input projection and per-head mask copies, which dominate small text towers on CPU)."""
+    attn = block.attn
+    N, L, d = x.shape
+    H = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).view(N, L, 3, H, d // H)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, L, dh] each
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    o = attn.out_proj(o.transpose(1, 2).reshape(N, L, d))
+    x = x + block.ls_1(o)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 class Backbone(nn.Module):
     """A frozen CLIP plus prompt-aware encoders. `ident` names the architecture and weights."""
 
@@ -349,8 +374,16 @@ class Backbone(nn.Module):
         x = x.reshape(-1, P, d)
         heads = t.transformer.resblocks[0].attn.num_heads
 
+        blocks = t.transformer.resblocks
+        direct = all(_plain_block(b) for b in blocks)
+
         def run(h: torch.Tensor, first: int) -> torch.Tensor:
             g = torch.arange(first, first + h.shape[0], device=h.device) % G  # pack of each row
+            if direct:
+                mask = (plan.mask if h.shape[0] == G and first % G == 0 else plan.mask[g]).unsqueeze(1)
+                for b in blocks:
+                    h = _block_sdpa(b, h, mask)
+                return t.ln_final(h)
             mask = plan.mask.to(h.dtype)[g].repeat_interleave(heads, 0)  # [rows * heads, P, P]
             return t.ln_final(_run_blocks_seq_first(t.transformer, h, mask))
 
