@@ -74,7 +74,7 @@ def main() -> None:
             verdict[h] = {"hm": beats(0), f"{args.shot}-shot": beats(1)}
     headers = ["method", "base %", "new %", "HM % (± per-dataset std)", f"{args.shot}-shot %"]
     lines = [f"# {args.name}\n\n", "Host, its lr control and host + GRAM side by side (mean over seeds, ± std over "
-             "seeds). Collected from: " + ", ".join(sorted({v['_file'] for v in {**b2n, **fs}.values()})) + ".\n\n",
+             "seeds). Collected from: " + ", ".join(Path(f).name for f in args.base2new + args.fewshot) + ".\n\n",
              markdown_table(headers, rows), "\n"]
     if verdict:
         lines.append("GRAM >= host and >= its lr control:\n\n")
@@ -83,7 +83,8 @@ def main() -> None:
                                                 for k, x in v.items()) + "\n")
     if args.note:
         lines.append("\n" + args.note + "\n")
-    cmd = "python benchmarks/gram_table.py " + " ".join(__import__("sys").argv[1:])
+    cmd = "python benchmarks/gram_table.py " + " ".join(
+        a if " " not in a else f"'{a}'" for a in __import__("sys").argv[1:])
     lines.append(f"\nCommand: `{cmd}`\n")
     out = ROOT / "docs" / "results"
     write_json(out / f"{args.name}.json", {"name": args.name, "rows": rows, "headers": headers,
