@@ -497,7 +497,8 @@ def render(records: list[Path], out: Path) -> None:
                          f"{x['train_views']} views/image, {x['ours_feature_cache_s']:.0f} s cache, "
                          f"{x['paper_recipe_steps']} steps)"
                          if x["ours_feature_cache_s"] > 0.1 else "n/a (cache was warm)",
-                         f"{x['official_data_s_per_step'] * 1000:.0f}", f"{x['same_model_max_abs_diff']:.1e}"])
+                         f"{x['official_data_s_per_step'] * 1000:.0f}", f"{x['same_model_max_abs_diff']:.1e}",
+                         r["versions"]["git_commit"]])
         x = r["results"].get("tpt")
         if x and "speedup_bf16_views" in x:  # (records of the first, not interleaved TPT timing are skipped)
             sv = x.get("same_views") or {}
@@ -506,7 +507,7 @@ def render(records: list[Path], out: Path) -> None:
                              f"{x['ours_bf16_views_s_per_sample']:.3f} ({x['speedup_bf16_views']:.2f}x)",
                              f"{100 * x['ours_accuracy']:.0f} / {100 * x['official_accuracy']:.0f} / "
                              f"{100 * x['ours_bf16_views_accuracy']:.0f}",
-                             f"{100 * sv['agreement']:.0f}%" if sv else "-"])
+                             f"{100 * sv['agreement']:.0f}%" if sv else "-", r["versions"]["git_commit"]])
     from gramvl.engine.results import markdown_table
 
     targets = {"coop": 10.0, "cocoop": 5.0}
@@ -529,17 +530,17 @@ def render(records: list[Path], out: Path) -> None:
                                    + "".join(verdict) + "\n## Training steps per second"),
              markdown_table(["method", "model", "data", "batch", "ours steps/s", "official steps/s", "ratio",
                              "ours incl. feature cache (ratio)", "official data ms/step",
-                             "same-model check"], rows),
-             SPEED_MD_TRAIN_NOTES,
+                             "same-model check", "gramvl commit"], rows),
+             SPEED_MD_TRAIN_NOTES, "\n## TPT seconds per test sample\n\n",
              markdown_table(["model", "samples", "ours s/sample", "official s/sample", "speedup",
                              "ours, bf16 views (speedup)", "accuracy % ours / official / ours bf16",
-                             "same views: predictions agree"], tpt_rows),
+                             "same views: predictions agree", "gramvl commit"], tpt_rows),
              SPEED_MD_TPT_NOTES, "\n## Runs\n\n"]
     for r, p in zip(runs, records, strict=True):
         lines.append(f"- `{r['command']}` ({r['model']}; threads {r['threads']}; gramvl commit "
                      f"{r['versions']['git_commit']}; torch {r['versions']['torch']}; load average at the end "
                      f"{', '.join(f'{v:.1f}' for v in r['load']['loadavg_end'])} on {r['load']['cpus']} cores; "
-                     f"record `{p}`)\n")
+                     f"record `{p}`, kept in speed.json)\n")
     peers = {}
     for r in runs:
         peers.update(r.get("peers", {}))
@@ -557,8 +558,11 @@ code (KaiyangZhou/CoOp on KaiyangZhou/Dassl.pytorch; azshue/TPT), measured side 
 `benchmarks/peer_speed.py`: the same weights file loaded by both sides, the same training images (few-shot
 split of emoji-nature, seed 1) or test images, batch 32, fp32, one CPU thread each, rounds interleaved
 (ours, then official, three times) so that both see the same load. The machine: 2 CPU cores shared with
-other jobs (load average 4-8 during the runs), so absolute rates are low and noisy; the ratios are the
-result.
+other jobs (load average 3-8 during the runs), so absolute rates are low and noisy; the ratios are the
+result, and repeated runs of the same setting (rows below) show their spread. "gramvl commit" is the
+repository HEAD when a run ended; runs recorded at bbf0bc3, 92866a5 and 989f1ae ran the packed text
+encoding through nn.MultiheadAttention, runs from 99601b8 on run the blocks directly (same arithmetic, a
+little faster; `gramvl/backbone.py` `_block_sdpa`).
 
 ## Training steps per second
 
@@ -580,6 +584,11 @@ SPEED_MD_TRAIN_NOTES = """
   CoCoOp one per image) is encoded once per sequence of ~25 classes instead of once per class (exact under
   the causal mask; `gramvl.backbone.pack_plan`). CoCoOp also runs one batched text pass per step instead of
   a Python loop over the batch.
+- Why the small CLIP's CoOp ratio stays under 10x: the official step's largest cost on ViT-B/16 (the image
+  encoder on 32 images at 224 px, and 77-token text sequences) is small on the small CLIP (32 px images,
+  32-token context), and our step is bound by tiny matrices (width 128): a profile of our CoOp step there
+  shows matrix products 44%, masked attention 25%, GELU backward 11%, with about 384 packed text tokens
+  left per step (76 classes). With ViT-B/16 the ratio is 30x.
 """
 SPEED_MD_TPT_NOTES = """
 - **ours**: `gramvl.tta.run_tta` (the `gramvl tta --method tpt` path: batches of 8 test images, each with
@@ -594,6 +603,8 @@ SPEED_MD_TPT_NOTES = """
   prompt per class, forward + backward, then another forward for the prediction), is a small part there.
   With `--encode-precision bf16` (TPTConfig.encode_precision) ours runs the image tower on the views under
   bf16 autocast (TPT's own code runs it under fp16 autocast on GPUs; on this CPU its autocast is off).
+- The TPT part of `small.json` is not shown: it timed all official samples, then all of ours (not
+  interleaved), and the load changed in between (it gave 3.6x); later runs alternate batch by batch.
 - Accuracy: each side draws its own random views, so accuracies differ by view noise. **same views**: the
   official tuning loop fed with our exact view tensors, predictions compared sample by sample with ours
   (fp32): equal implementations agree up to float rounding.
@@ -626,7 +637,9 @@ What the harness changes on the peers, at run time only (their files are untouch
   QuickGELU), the tokenizer's context length (32, not 77) and TPT's hard-coded 224 px crop (32 px) are set
   to the model's; none of these changes the amount of computation.
 - The peers' fp16 default (`PREC: fp16`) is for GPUs; both sides run fp32 here. Dassl data loader workers: 0.
-- CoCoOp with ViT-B/16 at batch 32 is not run: the official trainer keeps the graphs of 32 x C padded
+
+Not measured:
+- CoCoOp with ViT-B/16 at batch 32: the official trainer keeps the graphs of 32 x C padded
   77-token text passes for one backward (tens of GB here); its paper setting is batch 1.
 """
 

@@ -51,5 +51,19 @@ $PY benchmarks/protocols.py --name base2new_coop4_gram_t3 --protocol base2new --
     --datasets emoji-nature --seeds 1 2 3
 # data-parallel (torchrun, 2 gloo ranks) against single-process runs: train, base2new, meta-train
 $PY benchmarks/ddp.py
+# speed against the official implementations (peer checkouts outside the repo; see docs/results/speed.md).
+# small.json and small2.json are earlier runs of the first command (small.json: --steps 6 for CoCoOp too)
+OMP_NUM_THREADS=1 PYTHONPATH=. /tmp/peers/venv/bin/python benchmarks/peer_speed.py --coop /tmp/peers/CoOp \
+    --dassl /tmp/peers/Dassl.pytorch --model small --methods coop cocoop --rounds 3 --steps 6 --cocoop-steps 2 \
+    --our-epochs 1 --json runs/peer_speed/small3.json
+OMP_NUM_THREADS=1 PYTHONPATH=. /tmp/peers/venv/bin/python benchmarks/peer_speed.py --tpt /tmp/peers/TPT \
+    --model small --methods tpt --tpt-samples 100 --same-views --json runs/peer_speed/small_tpt.json
+OMP_NUM_THREADS=1 PYTHONPATH=. /tmp/peers/venv/bin/python benchmarks/peer_speed.py --coop /tmp/peers/CoOp \
+    --dassl /tmp/peers/Dassl.pytorch --model vit-b16 --methods coop --shots 2 --train-views 1 --warmup 1 \
+    --rounds 2 --steps 2 --our-epochs 1 --json runs/peer_speed/vitb16.json
+OMP_NUM_THREADS=1 PYTHONPATH=. /tmp/peers/venv/bin/python benchmarks/peer_speed.py --tpt /tmp/peers/TPT \
+    --model vit-b16 --methods tpt --tpt-samples 8 --tpt-warmup 1 --json runs/peer_speed/vitb16_tpt.json
+$PY benchmarks/peer_speed.py --render runs/peer_speed/small3.json runs/peer_speed/small2.json \
+    runs/peer_speed/small.json runs/peer_speed/small_tpt.json runs/peer_speed/vitb16.json runs/peer_speed/vitb16_tpt.json
 # CMHC at 1M pairs from memory-mapped feature shards (faiss and torch k-means; needs gramvl[scale])
 $PY benchmarks/cmhc_scale.py --sizes 1000000 200000 --torch-sizes 1000000 200000 --low-memory-sizes 1000000
