@@ -560,9 +560,10 @@ split of emoji-nature, seed 1) or test images, batch 32, fp32, one CPU thread ea
 (ours, then official, three times) so that both see the same load. The machine: 2 CPU cores shared with
 other jobs (load average 3-8 during the runs), so absolute rates are low and noisy; the ratios are the
 result, and repeated runs of the same setting (rows below) show their spread. "gramvl commit" is the
-repository HEAD when a run ended; runs recorded at bbf0bc3, 92866a5 and 989f1ae ran the packed text
-encoding through nn.MultiheadAttention, runs from 99601b8 on run the blocks directly (same arithmetic, a
-little faster; `gramvl/backbone.py` `_block_sdpa`).
+repository HEAD when a run ended; runs recorded at bbf0bc3, 92866a5 and 989f1ae, and the ViT-B/16 TPT run
+(started before 99601b8, ended at a42b011), ran the packed text encoding through nn.MultiheadAttention;
+the others run the blocks directly (same arithmetic, a little faster; `gramvl/backbone.py` `_block_sdpa`).
+ViT-B/16 runs use random weights: their accuracies are chance level (1.3%) and only the speed counts.
 
 ## Training steps per second
 
