@@ -37,6 +37,7 @@ import io
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -470,6 +471,7 @@ def main() -> None:
               f"{r['official_s_per_sample']:.3f} s/sample (acc {r['official_accuracy']:.3f}), "
               f"{r['speedup']:.1f}x; ours with bf16 views {r['ours_bf16_views_s_per_sample']:.3f} s/sample "
               f"(acc {r['ours_bf16_views_accuracy']:.3f}), {r['speedup_bf16_views']:.1f}x", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # Dassl's output folder and the like
     out["versions"] = versions()
     out["peers"] = {k: peer_commit(getattr(args, k)) for k in ("coop", "dassl", "tpt") if getattr(args, k)}
     out["load"] = {"loadavg_end": os.getloadavg(), "cpus": os.cpu_count()}
