@@ -70,7 +70,10 @@ class CorpusBatches:
 
     def __init__(self, image_features: torch.Tensor, paths: list[str] | None = None, bb=None,
                  need_images: bool = False):
-        self.features = torch.from_numpy(np.array(image_features, dtype=np.float32, copy=True))
+        if isinstance(image_features, torch.Tensor):
+            self.features = image_features.detach().to(torch.float32).clone()
+        else:
+            self.features = torch.from_numpy(np.array(image_features, dtype=np.float32, copy=True))
         self.paths, self.bb, self.need_images = paths, bb, need_images
         self._images: dict[int, torch.Tensor] = {}
 
