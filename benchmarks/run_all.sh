@@ -67,3 +67,45 @@ $PY benchmarks/peer_speed.py --render runs/peer_speed/small3.json runs/peer_spee
     runs/peer_speed/small.json runs/peer_speed/small_tpt.json runs/peer_speed/vitb16.json runs/peer_speed/vitb16_tpt.json
 # CMHC at 1M pairs from memory-mapped feature shards (faiss and torch k-means; needs gramvl[scale])
 $PY benchmarks/cmhc_scale.py --sizes 1000000 200000 --torch-sizes 1000000 200000 --low-memory-sizes 1000000
+# ---- session 2: GRAM with the pre-adaptation loss (meta.pre_weight = 1, the new default) on every host ----
+M="OMP_NUM_THREADS=1 $PY -m gramvl meta-train"
+P="OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 2 3"
+# val runs that chose the default (the artifacts: pre_weight 1 with psi lr 1e-2 / 1e-3; a padded-word start)
+eval $M --host coop --steps 600 --set meta.pre_weight=1.0 --out runs/gram2/coop_pw1.safetensors   # = assets/gram_coop
+eval $M --host coop --steps 600 --set meta.pre_weight=1.0 meta.outer_lr_phi=0.001 --out runs/gram2/coop_pw1phi3.safetensors
+eval $M --host coop --steps 600 --set "'meta.host_cfg={ctx_init: \"a photo of a\", ctx_init_mode: pad}'" \
+    meta.pre_weight=1.0 --out runs/gram2/coop_pad_pw1.safetensors
+eval $P --name val_b2n_coop --protocol base2new --methods coop --gram runs/gram/coop.safetensors --eval-split val --runs runs/val
+eval $P --name val_b2n_coop_pw1 --protocol base2new --methods coop --gram-only --gram runs/gram2/coop_pw1.safetensors --eval-split val --runs runs/val
+eval $P --name val_b2n_coop_pw1phi3 --protocol base2new --methods coop --gram-only --gram runs/gram2/coop_pw1phi3.safetensors --eval-split val --runs runs/val
+eval $P --name val_b2n_coop_pad_pw1 --protocol base2new --methods coop --gram-only --gram runs/gram2/coop_pad_pw1.safetensors --eval-split val --runs runs/val
+eval $P --name val_b2n_coop_padinit --protocol base2new --methods coop --set "ctx_init='a photo of a'" ctx_init_mode=pad --eval-split val --runs runs/val
+# test: hosts, GRAM on every host, lr x0.95 controls where GRAM beat the host
+eval $M --host coop --steps 600 --set "'meta.host_cfg={n_ctx: 4, ctx_init: \"a photo of a\"}'" --out runs/gram2/coop_m4_pw1.safetensors
+eval $M --host vpt --steps 300 --set meta.time_budget_s=1200 meta.second_order=false --out runs/gram2/vpt_fo.safetensors
+eval $M --host maple --steps 150 --set meta.time_budget_s=900 meta.second_order=false --out runs/gram2/maple_fo.safetensors
+eval $M --host ivlp --unigram --steps 150 --set meta.time_budget_s=900 meta.second_order=false --out runs/gram2/unigram_fo.safetensors
+eval $P --name base2new_hosts2 --protocol base2new --methods cocoop vpt maple ivlp
+eval $P --name fewshot1_hosts --protocol fewshot --shots 1 --methods coop cocoop vpt maple ivlp
+eval $P --name base2new_coop_gram2 --protocol base2new --methods coop --gram runs/gram2/coop_pw1.safetensors
+eval $P --name fewshot1_coop_gram2 --protocol fewshot --shots 1 --methods coop --gram-only --gram runs/gram2/coop_pw1.safetensors
+eval $P --name fewshot1_coop_ctrl --protocol fewshot --shots 1 --methods coop --gram-only --lr-control 0.95
+eval $P --name base2new_cocoop_gram --protocol base2new --methods cocoop --gram-only --gram runs/gram2/coop_m4_pw1.safetensors
+eval $P --name fewshot1_cocoop_gram --protocol fewshot --shots 1 --methods cocoop --gram-only --gram runs/gram2/coop_m4_pw1.safetensors
+eval $P --name base2new_coop4_gram2 --protocol base2new --methods coop --gram runs/gram2/coop_m4_pw1.safetensors --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P --name fewshot1_coop4_gram2 --protocol fewshot --shots 1 --methods coop --gram runs/gram2/coop_m4_pw1.safetensors --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P --name base2new_coop4_ctrl --protocol base2new --methods coop --gram-only --lr-control 0.95 --set n_ctx=4 "'ctx_init=a photo of a'"
+for h in "vpt vpt_fo vpt" "maple maple_fo maple" "ivlp unigram_fo unigram"; do set -- $h
+    eval $P --name base2new_$3_gram --protocol base2new --methods $1 --gram-only --gram runs/gram2/$2.safetensors
+    eval $P --name fewshot1_$3_gram --protocol fewshot --shots 1 --methods $1 --gram-only --gram runs/gram2/$2.safetensors
+done
+eval $P --name base2new_vpt_ctrl --protocol base2new --methods vpt --gram-only --lr-control 0.95
+eval $P --name base2new_maple_ctrl --protocol base2new --methods maple --gram-only --lr-control 0.95
+R=docs/results
+$PY benchmarks/gram_table.py --name gram_hosts --hosts coop cocoop vpt maple ivlp \
+    --base2new $R/base2new_coop_gram2.json $R/base2new_hosts2.json $R/base2new_cocoop_gram.json $R/base2new_vpt_gram.json \
+    $R/base2new_vpt_ctrl.json $R/base2new_maple_gram.json $R/base2new_maple_ctrl.json $R/base2new_unigram_gram.json \
+    --fewshot $R/fewshot1_hosts.json $R/fewshot1_coop_gram2.json $R/fewshot1_coop_ctrl.json $R/fewshot1_cocoop_gram.json \
+    $R/fewshot1_vpt_gram.json $R/fewshot1_maple_gram.json $R/fewshot1_unigram_gram.json
+$PY benchmarks/gram_table.py --name gram_coop4 --hosts coop --base2new $R/base2new_coop4_gram2.json \
+    $R/base2new_coop4_ctrl.json --fewshot $R/fewshot1_coop4_gram2.json
