@@ -223,7 +223,8 @@ def cmd_meta_train(args) -> int:
 
         return meta_tta_main(args)
     job = build_config(MetaTrainJob, args.config, {"corpus": args.corpus, "model": args.model,
-                                                   "weights": args.weights, "hierarchy": args.hierarchy},
+                                                   "weights": args.weights, "hierarchy": args.hierarchy,
+                                                   "device": args.device},
                        _overrides(args) + [f"meta.host={args.host}", f"meta.unigram={args.unigram}"]
                        + ([f"meta.steps={args.steps}"] if args.steps else [])
                        + ([f"meta.time_budget_s={args.time_budget}"] if args.time_budget else [])
@@ -237,7 +238,7 @@ def cmd_meta_train(args) -> int:
         from gramvl.gram.pipeline import build_hierarchy, corpus_features
 
         with dist.main_first():  # rank 0 encodes and clusters the corpus (both cached); the others read the caches
-            bb = load_backbone(job.model, job.weights)
+            bb = load_backbone(job.model, job.weights, device=job.device)
             if dist.is_main():
                 feats = corpus_features(bb, job.corpus, not args.quiet, job.feature_dtype)
                 build_hierarchy(feats, job.hierarchy, job.cmhc, not args.quiet)

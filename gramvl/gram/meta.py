@@ -88,9 +88,10 @@ class CorpusBatches:
 
     def batch(self, idx) -> dict:
         idx = [int(i) for i in idx]
+        device = getattr(self.bb, "device", "cpu")
         if self.need_images:
-            return {"images": torch.stack([self._image(i) for i in idx])}
-        return {"features": self.features[idx]}
+            return {"images": torch.stack([self._image(i) for i in idx]).to(device)}
+        return {"features": self.features[idx].to(device)}
 
 
 def slot_paths(host: PromptLearner, names: list[str] | None = None) -> dict[str, str]:
@@ -143,6 +144,11 @@ def inner_adapt(host: PromptLearner, theta: dict[str, torch.Tensor], psi: Regula
     return params
 
 
+def _device(host: PromptLearner):
+    """Where the host's backbone (and so the slots, ψ and every batch) lives."""
+    return getattr(getattr(host, "bb", None), "device", "cpu")
+
+
 def _widths(host: PromptLearner, names: list[str]) -> dict[str, int]:
     slots = host.slots()
     return {modality_of(n): int(slots[n].shape[-1]) for n in names}
@@ -171,7 +177,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     paths = slot_paths(host, names)
     slots = host.slots()
     theta = {n: torch.nn.Parameter(slots[n].detach().clone()) for n in names}
-    psi = RegulatorSet(_widths(host, names), rank=cfg.rank) if cfg.use_regulator else None
+    psi = RegulatorSet(_widths(host, names), rank=cfg.rank).to(_device(host)) if cfg.use_regulator else None
     opt_t = torch.optim.Adam(theta.values(), lr=cfg.outer_lr_theta)
     opt_p = torch.optim.Adam(psi.parameters(), lr=cfg.outer_lr_phi) if psi is not None else None
     for p in host.parameters():
@@ -206,8 +212,8 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
                 continue
             sup = data.batch(task.support_idx)
             qry = data.batch(task.query_idx)
-            ys = torch.as_tensor(task.support_labels, dtype=torch.long)
-            yq = torch.as_tensor(task.query_labels, dtype=torch.long)
+            ys = torch.as_tensor(task.support_labels, dtype=torch.long, device=_device(host))
+            yq = torch.as_tensor(task.query_labels, dtype=torch.long, device=_device(host))
             host.set_classnames(task.classnames)
             adapted = inner_adapt(host, theta, psi, sup, ys, paths, cfg.inner_steps, cfg.inner_lr,
                                   cfg.second_order)
@@ -218,7 +224,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
             loss = lq + cfg.pre_weight * lpre if cfg.pre_weight > 0 else lq
             if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
                 host.set_classnames(task.classnames_shift)
-                ysh = torch.as_tensor(task.shift_labels, dtype=torch.long)
+                ysh = torch.as_tensor(task.shift_labels, dtype=torch.long, device=_device(host))
                 lsh, lgs = task_loss(host, adapted, data.batch(task.shift_idx), ysh, paths)
                 loss = loss + cfg.shifted_weight * lsh
                 terms["shift_acc"] = _acc(lgs, ysh) / cfg.meta_batch
@@ -354,8 +360,8 @@ def regulator_diagnostics(host, theta, psi, sampler, data, paths, rng, tasks: in
         task = sampler.sample(rng)
         host.set_classnames(task.classnames)
         sup, qry = data.batch(task.support_idx), data.batch(task.query_idx)
-        ys = torch.as_tensor(task.support_labels, dtype=torch.long)
-        yq = torch.as_tensor(task.query_labels, dtype=torch.long)
+        ys = torch.as_tensor(task.support_labels, dtype=torch.long, device=_device(host))
+        yq = torch.as_tensor(task.query_labels, dtype=torch.long, device=_device(host))
         th = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
         loss, _ = task_loss(host, th, sup, ys, paths)
         grads = torch.autograd.grad(loss, list(th.values()))

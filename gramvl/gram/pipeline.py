@@ -40,6 +40,7 @@ class MetaTrainJob:
     tasks: TaskConfig = field(default_factory=TaskConfig)
     cmhc: CMHCConfig = field(default_factory=CMHCConfig)
     feature_dtype: str = "float16"  # storage of features extracted from tar shards (float16 | float32)
+    device: str = "cpu"  # where the backbone, the slots and ψ live (cpu, cuda, cuda:N)
 
 
 def load_pairs(corpus: str) -> list[dict]:
@@ -116,7 +117,7 @@ def run_meta_train(job: MetaTrainJob, out: str | Path, bb: Backbone | None = Non
     from gramvl.backbone import load_backbone
 
     t0 = time.time()
-    bb = bb or load_backbone(job.model, job.weights)
+    bb = bb or load_backbone(job.model, job.weights, device=job.device)
     feats = corpus_features(bb, job.corpus, progress, job.feature_dtype)
     t_feat = time.time() - t0
     hier = build_hierarchy(feats, job.hierarchy, job.cmhc, progress)
