@@ -101,9 +101,15 @@ for h in "vpt vpt_fo vpt" "maple maple_fo maple" "ivlp unigram_fo unigram"; do s
 done
 eval $P --name base2new_vpt_ctrl --protocol base2new --methods vpt --gram-only --lr-control 0.95
 eval $P --name base2new_maple_ctrl --protocol base2new --methods maple --gram-only --lr-control 0.95
+eval $P --name base2new_coop_ctrl --protocol base2new --methods coop --gram-only --lr-control 0.95
+eval $P --name base2new_coop_gram2_parts --protocol base2new --methods coop --gram-only --gram-parts init regulator --gram runs/gram2/coop_pw1.safetensors
+eval $P --name fewshot1_coop_gram2_parts --protocol fewshot --shots 1 --methods coop --gram-only --gram-parts init regulator --gram runs/gram2/coop_pw1.safetensors
+# test-time prompt tuning with the M = 4 artifact as 'GRAM init' and an 8-minute test-time meta-training
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 50 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
+    --gram runs/gram2/coop_m4_pw1.safetensors --retrain --meta-budget 480 --threads 1
 R=docs/results
 $PY benchmarks/gram_table.py --name gram_hosts --hosts coop cocoop vpt maple ivlp \
-    --base2new $R/base2new_coop_gram2.json $R/base2new_hosts2.json $R/base2new_cocoop_gram.json $R/base2new_vpt_gram.json \
+    --base2new $R/base2new_coop_gram2.json $R/base2new_coop_ctrl.json $R/base2new_hosts2.json $R/base2new_cocoop_gram.json $R/base2new_vpt_gram.json \
     $R/base2new_vpt_ctrl.json $R/base2new_maple_gram.json $R/base2new_maple_ctrl.json $R/base2new_unigram_gram.json \
     --fewshot $R/fewshot1_hosts.json $R/fewshot1_coop_gram2.json $R/fewshot1_coop_ctrl.json $R/fewshot1_cocoop_gram.json \
     $R/fewshot1_vpt_gram.json $R/fewshot1_maple_gram.json $R/fewshot1_unigram_gram.json
