@@ -157,8 +157,7 @@ def main() -> None:
                                     "max": float(np.max(lat))}
     seconds = time.time() - t0
     cmd = "python benchmarks/tta.py " + " ".join(
-        [f"--limit {args.limit}", f"--seeds {' '.join(map(str, args.seeds))}"]
-        + ([f"--datasets {' '.join(args.datasets)}"] if args.datasets else []))
+        a if " " not in a else f"'{a}'" for a in __import__("sys").argv[1:])
     record = {"model": bb.ident, "describe": bb.describe(), "seeds": args.seeds, "limit": args.limit,
               "n_views": args.n_views, "batch_images": args.batch_images, "threads": args.threads,
               "tta_artifact": {"path": str(tta_path), "seconds_here": round(meta_seconds, 1),
