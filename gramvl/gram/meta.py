@@ -144,6 +144,16 @@ def inner_adapt(host: PromptLearner, theta: dict[str, torch.Tensor], psi: Regula
     return params
 
 
+def outer_update(theta: list[torch.Tensor], opt_t: torch.optim.Optimizer, psi: torch.nn.Module | None,
+                 opt_p: torch.optim.Optimizer | None, clip: float) -> None:
+    """The outer step of the bi-level loop: clip and apply θ's gradient, then φ's (if there is a ψ)."""
+    torch.nn.utils.clip_grad_norm_(theta, clip)
+    opt_t.step()
+    if opt_p is not None and psi is not None:
+        torch.nn.utils.clip_grad_norm_(list(psi.parameters()), clip)
+        opt_p.step()
+
+
 def _device(host: PromptLearner):
     """Where the host's backbone (and so the slots, ψ and every batch) lives."""
     return getattr(getattr(host, "bb", None), "device", "cpu")
@@ -238,11 +248,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
                 rec[k] += v
         if dist.active():
             _accumulate_in_task_order(_outer(theta, psi), mine, cfg.meta_batch, rec)
-        torch.nn.utils.clip_grad_norm_(list(theta.values()), cfg.grad_clip)
-        opt_t.step()
-        if opt_p:
-            torch.nn.utils.clip_grad_norm_(list(psi.parameters()), cfg.grad_clip)
-            opt_p.step()
+        outer_update(list(theta.values()), opt_t, psi, opt_p, cfg.grad_clip)
         rec["step"] = step + 1
         history.append(rec)
         bar.update(1)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from gramvl.backbone import Backbone
 from gramvl.errors import GramvlError
 from gramvl.gram.cmhc import CMHCConfig
-from gramvl.gram.meta import ARTIFACT_FORMAT, _curve, _jsonable, resume_checkpoint
+from gramvl.gram.meta import ARTIFACT_FORMAT, _curve, _jsonable, outer_update, resume_checkpoint
 from gramvl.gram.regulator import RegulatorSet
 from gramvl.gram.tasks import TaskConfig
 from gramvl.io import save_tensors, write_json
@@ -281,11 +281,7 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
                 rec["shift_acc"] += acc_sh / cfg.meta_batch
             (loss / cfg.meta_batch).backward()
             rec["loss"] += float(loss.detach()) / cfg.meta_batch
-        torch.nn.utils.clip_grad_norm_([theta], cfg.grad_clip)
-        opt_t.step()
-        if opt_p:
-            torch.nn.utils.clip_grad_norm_(list(psi_set.parameters()), cfg.grad_clip)
-            opt_p.step()
+        outer_update([theta], opt_t, psi_set, opt_p, cfg.grad_clip)
         rec["step"] = step + 1
         history.append(rec)
         bar.update(1)
