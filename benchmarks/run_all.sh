@@ -115,3 +115,6 @@ $PY benchmarks/gram_table.py --name gram_hosts --hosts coop cocoop vpt maple ivl
     $R/fewshot1_vpt_gram.json $R/fewshot1_maple_gram.json $R/fewshot1_unigram_gram.json
 $PY benchmarks/gram_table.py --name gram_coop4 --hosts coop --base2new $R/base2new_coop4_gram2.json \
     $R/base2new_coop4_ctrl.json --fewshot $R/fewshot1_coop4_gram2.json
+# few-shot curves of the hosts (issue 3)
+eval $P --name fewshot_text_hosts --protocol fewshot --shots 1 2 4 8 --methods zeroshot coop kgcoop prograd
+eval $P --name fewshot_visual_hosts --protocol fewshot --shots 2 4 --methods vpt ivlp maple
