@@ -187,7 +187,8 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     paths = slot_paths(host, names)
     slots = host.slots()
     theta = {n: torch.nn.Parameter(slots[n].detach().clone()) for n in names}
-    psi = RegulatorSet(_widths(host, names), rank=cfg.rank).to(_device(host)) if cfg.use_regulator else None
+    device = _device(host)
+    psi = RegulatorSet(_widths(host, names), rank=cfg.rank).to(device) if cfg.use_regulator else None
     opt_t = torch.optim.Adam(theta.values(), lr=cfg.outer_lr_theta)
     opt_p = torch.optim.Adam(psi.parameters(), lr=cfg.outer_lr_phi) if psi is not None else None
     for p in host.parameters():
@@ -222,8 +223,8 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
                 continue
             sup = data.batch(task.support_idx)
             qry = data.batch(task.query_idx)
-            ys = torch.as_tensor(task.support_labels, dtype=torch.long, device=_device(host))
-            yq = torch.as_tensor(task.query_labels, dtype=torch.long, device=_device(host))
+            ys = torch.as_tensor(task.support_labels, dtype=torch.long, device=device)
+            yq = torch.as_tensor(task.query_labels, dtype=torch.long, device=device)
             host.set_classnames(task.classnames)
             adapted = inner_adapt(host, theta, psi, sup, ys, paths, cfg.inner_steps, cfg.inner_lr,
                                   cfg.second_order)
@@ -234,7 +235,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
             loss = lq + cfg.pre_weight * lpre if cfg.pre_weight > 0 else lq
             if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
                 host.set_classnames(task.classnames_shift)
-                ysh = torch.as_tensor(task.shift_labels, dtype=torch.long, device=_device(host))
+                ysh = torch.as_tensor(task.shift_labels, dtype=torch.long, device=device)
                 lsh, lgs = task_loss(host, adapted, data.batch(task.shift_idx), ysh, paths)
                 loss = loss + cfg.shifted_weight * lsh
                 terms["shift_acc"] = _acc(lgs, ysh) / cfg.meta_batch
@@ -362,12 +363,13 @@ def regulator_diagnostics(host, theta, psi, sampler, data, paths, rng, tasks: in
         return {}
     stats: dict[str, list] = {}
     gain_psi, gain_raw = [], []
+    device = _device(host)
     for _ in range(tasks):
         task = sampler.sample(rng)
         host.set_classnames(task.classnames)
         sup, qry = data.batch(task.support_idx), data.batch(task.query_idx)
-        ys = torch.as_tensor(task.support_labels, dtype=torch.long, device=_device(host))
-        yq = torch.as_tensor(task.query_labels, dtype=torch.long, device=_device(host))
+        ys = torch.as_tensor(task.support_labels, dtype=torch.long, device=device)
+        yq = torch.as_tensor(task.query_labels, dtype=torch.long, device=device)
         th = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
         loss, _ = task_loss(host, th, sup, ys, paths)
         grads = torch.autograd.grad(loss, list(th.values()))
