@@ -91,7 +91,8 @@ def cmd_pretrain(args) -> int:
     from gramvl.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
-                         eval_every=args.eval_every, val_sets=args.val_sets or [])
+                         eval_every=args.eval_every, val_sets=args.val_sets or [], ema=args.ema,
+                         caption_positives=not args.no_caption_positives)
     best = pretrain(cfg, args.out, progress=not args.quiet)
     print(f"best checkpoint: {best}")
     return 0
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--eval-every", type=int, default=250)
     pt.add_argument("--val-sets", nargs="*", help="embedded datasets whose val split picks the checkpoint")
+    pt.add_argument("--ema", type=float, default=0.999, help="weight-average decay (0: evaluate raw weights)")
+    pt.add_argument("--no-caption-positives", action="store_true",
+                    help="count a caption shared by several emoji as a positive for its own emoji only")
     pt.set_defaults(func=cmd_pretrain)
 
     tr = sub.add_parser("train", help="train one host on one dataset (few-shot), then evaluate")

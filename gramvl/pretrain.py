@@ -51,6 +51,8 @@ class PretrainConfig:
     logit_scale_lr: float = 1e-2
     weight_decay: float = 0.1
     warmup: int = 150
+    ema: float = 0.999  # decay of the weight average that is evaluated and exported (0 = off)
+    caption_positives: bool = True  # a caption shared by several emoji is a positive for all of them
     eval_every: int = 250
     seed: int = 0
     threads: int = 2
@@ -159,6 +161,35 @@ def augment(x: torch.Tensor, out_size: int, g: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+def caption_positive_table(caps: list[str], owner: list[int], concept_of_pair: list[int]):
+    """Distinct caption ids per caption row, and for each distinct caption the concepts it describes.
+
+    Returns (caption_id [n_captions], members: list of LongTensor of concept ids per distinct caption).
+    Keyword captions such as "a flag." belong to hundreds of emoji; counting them as negatives for all but one
+    emoji is label noise that keeps the contrastive loss (and the learned logit scale) low.
+    """
+    index: dict[str, int] = {}
+    members: list[set[int]] = []
+    cap_id = []
+    for c, o in zip(caps, owner, strict=True):
+        k = index.setdefault(c, len(index))
+        if k == len(members):
+            members.append(set())
+        members[k].add(concept_of_pair[o])
+        cap_id.append(k)
+    return torch.tensor(cap_id), [torch.tensor(sorted(m)) for m in members]
+
+
+def positive_matrix(concepts: torch.Tensor, cap_ids: torch.Tensor, members: list[torch.Tensor] | None) -> torch.Tensor:
+    """pos[i, j] = 1 when text j describes image i: the same concept, or a caption that concept i also has."""
+    pos = concepts[:, None] == concepts[None, :]
+    if members is not None:
+        for j, k in enumerate(cap_ids.tolist()):
+            if len(members[k]) > 1:
+                pos[:, j] |= torch.isin(concepts, members[k])
+    return pos.float()
+
+
 def normalize_images(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
@@ -238,6 +269,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     starts[1:] = torch.bincount(owner_t, minlength=len(pairs)).cumsum(0)
     concept = {}
     concept_id = torch.tensor([concept.setdefault(p.get("hexcode", p["name"]), len(concept)) for p in pairs])
+    cap_str_id, cap_members = caption_positive_table(caps, owner, concept_id.tolist())
+    if not cfg.caption_positives:
+        cap_members = None
+    ema = {k: v.detach().clone() for k, v in net.named_parameters()} if cfg.ema > 0 else None
 
     val_names = cfg.val_sets
     val = load_val_sets(val_names, cfg.image_size, cfg.mean, cfg.std) if val_names else {}
@@ -267,6 +302,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
                                              "exp_avg": tensors[f"opt.{i}.exp_avg"],
                                              "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"]}
             opt.load_state_dict(opt_state)
+            if ema is not None:
+                for k in ema:
+                    if f"ema.{k}" in tensors:
+                        ema[k].copy_(tensors[f"ema.{k}"])
             state = meta["pretrain"]["state"]
             print(f"resuming from step {state['step']}")
 
@@ -280,7 +319,21 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
                     tensors[f"opt.{i}.step"] = st["step"].reshape(1) if st["step"].dim() == 0 else st["step"]
                     tensors[f"opt.{i}.exp_avg"] = st["exp_avg"]
                     tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"]
+            if ema is not None:
+                tensors.update({f"ema.{k}": v for k, v in ema.items() if not k.endswith("attn_mask")})
         save_tensors(path, tensors, _sidecar(cfg, extra))
+
+    class _Swapped:
+        """Evaluate and export the weight average: swap it in, swap the live weights back afterwards."""
+
+        def __enter__(self):
+            if ema is not None:
+                self.live = {k: v.detach().clone() for k, v in net.state_dict().items() if k in ema}
+                net.load_state_dict(ema, strict=False)
+
+        def __exit__(self, *exc):
+            if ema is not None:
+                net.load_state_dict(self.live, strict=False)
 
     def export_best() -> None:
         tensors = {k: v.half() for k, v in net.state_dict().items() if not k.endswith("attn_mask")}
@@ -302,33 +355,39 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
         fi = F.normalize(net.encode_image(imgs), dim=-1)
         ft = F.normalize(net.encode_text(text), dim=-1)
         logits = net.logit_scale.exp().clamp(max=100) * fi @ ft.T
-        same = (concept_id[idx][:, None] == concept_id[idx][None, :]).float()
-        target = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+        pos = positive_matrix(concept_id[idx], cap_str_id[cap_idx], cap_members)
+        loss = 0.5 * (torch.sum(-(pos / pos.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-(pos.T / pos.T.sum(1, keepdim=True)) * F.log_softmax(logits.T, 1), 1).mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
             net.logit_scale.clamp_(0, math.log(100))
+            if ema is not None:
+                d = min(cfg.ema, (1 + step) / (10 + step))
+                for k, v in net.named_parameters():
+                    ema[k].lerp_(v.detach(), 1 - d)
         state["step"] = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{net.logit_scale.exp().item():.1f}")
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
             net.eval()
-            acc = zeroshot_on_val(bb, val) if val else {}
+            with _Swapped():
+                acc = zeroshot_on_val(bb, val) if val else {}
+                scale_now = net.logit_scale.exp().item()
             net.train()
             score = val_score(acc) if acc else -float(loss.item())
             state["seconds"] = time.time() - t0
             rec = {"step": state["step"], "loss": float(loss.item()), "score": score,
-                   "logit_scale": float(net.logit_scale.exp()), "val": acc, "seconds": state["seconds"]}
+                   "logit_scale": scale_now, "val": acc, "seconds": state["seconds"]}
             state["history"].append(rec)
             tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
                                    if k != "val"}) + " " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
             if score > state["best_score"]:
                 state["best_score"], state["best_step"] = score, state["step"]
-                export_best()
+                with _Swapped():
+                    export_best()
             save(last, True, {"state": state})
     bar.close()
     write_json(out / "history.json", state["history"])
