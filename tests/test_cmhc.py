@@ -300,3 +300,16 @@ def test_encode_corpus_caches_memmapped_features(small_random_backbone, tmp_path
         encode_corpus(bb, pairs[:5], progress=False, workers=0)
     with pytest.raises(GramvlError):
         encode_corpus(bb, [], progress=False)
+
+
+def test_hierarchy_cache_key_records_the_kmeans_backend(monkeypatch):
+    import gramvl.gram.cmhc as m
+    from gramvl.gram.pipeline import hierarchy_cache_key
+
+    cfg = CMHCConfig()
+    monkeypatch.setattr(m, "_faiss", lambda: None)
+    torch_key = hierarchy_cache_key("corpus", "cmhc", cfg)
+    assert hierarchy_cache_key("corpus", "cmhc", CMHCConfig(use_faiss=False)) != torch_key  # config differs
+    monkeypatch.setattr(m, "_faiss", lambda: object())  # faiss importable: 'auto' now resolves to faiss
+    assert hierarchy_cache_key("corpus", "cmhc", cfg) != torch_key
+    assert hierarchy_cache_key("corpus", "cmhc", cfg) == hierarchy_cache_key("corpus", "cmhc", CMHCConfig())

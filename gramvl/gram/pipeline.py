@@ -71,12 +71,21 @@ def load_pairs(corpus: str) -> list[dict]:
     return rows
 
 
+def hierarchy_cache_key(corpus_key: str, kind: str, cfg: CMHCConfig) -> str:
+    """Cache key of a hierarchy: corpus, kind, config and the k-means backend that use_faiss resolves to
+    (faiss and torch k-means give different clusterings, so one must never be served for the other)."""
+    from gramvl.gram.cmhc import faiss_available
+
+    backend = "faiss" if cfg.use_faiss is True or (cfg.use_faiss == "auto" and faiss_available()) else "torch"
+    blob = json.dumps([corpus_key, kind, asdict(cfg), backend], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
 def build_hierarchy(feats: CorpusFeatures, kind: str, cfg: CMHCConfig, progress: bool = True) -> Hierarchy:
     """CMHC (cached on disk per corpus and config), or a flat / random hierarchy for the ablations."""
     if kind not in HIERARCHIES:
         raise GramvlError(f"unknown hierarchy {kind!r}; choose one of {', '.join(HIERARCHIES)}")
-    key = hashlib.sha256(json.dumps([feats.key, kind, asdict(cfg)], default=str).encode()).hexdigest()[:20]
-    path = cache_dir("cmhc") / f"{key}.safetensors"
+    path = cache_dir("cmhc") / f"{hierarchy_cache_key(feats.key, kind, cfg)}.safetensors"
     if feats.key and path.is_file():
         return Hierarchy.load(path)
     if kind == "cmhc":
