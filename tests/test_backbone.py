@@ -38,9 +38,12 @@ def test_empty_visual_prompts_reproduce_encode_image(bb):
     torch.manual_seed(0)
     x = torch.randn(2, 3, bb.image_size, bb.image_size)
     with torch.no_grad():
-        ref = bb.encode_image(x)
+        ref = torch.nn.functional.normalize(bb.model.encode_image(x), dim=-1)  # open_clip's own forward
         out = bb.encode_image(x, prompts=torch.zeros(0, bb.vision_width))
+        plain = bb.encode_image(x)  # gramvl's direct block path for plain ViT towers
+    assert bb._direct_vit
     assert (out - ref).abs().max().item() < 1e-5
+    assert (plain - ref).abs().max().item() < 1e-5
 
 
 def test_deep_text_prompts_equal_to_the_hidden_states_change_nothing(small_random_backbone):
