@@ -28,9 +28,9 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SMALL_NAME = "small"
 SMALL_FILE = "small_clip.safetensors"
-# packaged small CLIPs by name: `small` is the current default; older ones stay loadable so that the
-# results made with them (docs/results/README.md) can be reproduced
-SMALL_MODELS = {SMALL_NAME: SMALL_FILE, "small-v1": "small_clip_v1.safetensors"}
+# packaged small CLIPs by name (`small` is the default); a replaced model would stay here under its own
+# name so that the results made with it (docs/results/) can still be reproduced
+SMALL_MODELS = {SMALL_NAME: SMALL_FILE}
 
 
 @dataclass
@@ -645,7 +645,7 @@ def load_backbone(model: str = SMALL_NAME, weights: str | Path | None = None, de
         return bb.to(device)
 
     if model not in open_clip.list_models():
-        raise GramvlError(f"unknown model {model!r}: use 'small' (or {', '.join(list(SMALL_MODELS)[1:])}), a "
+        raise GramvlError(f"unknown model {model!r}: use {' or '.join(repr(m) for m in SMALL_MODELS)}, a "
                           f"small-CLIP .safetensors file or an open_clip architecture name such as "
                           f"ViT-B-16 or ViT-B-32 (`python -c 'import open_clip; print(open_clip.list_models())'`)")
     if weights is None and not allow_random:

@@ -17,7 +17,7 @@ DATA_PARALLEL_COMMANDS = ("train", "protocol", "meta-train")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="small", help="'small' (packaged CLIP; 'small-v1': the previous one), a small-CLIP .safetensors file, "
+    p.add_argument("--model", default="small", help="'small' (packaged CLIP), a small-CLIP .safetensors file, "
                    "or an open_clip architecture name (ViT-B-16, ...)")
     p.add_argument("--weights", default=None, help="local weights file for open_clip models (.pt/.bin/"
                    ".safetensors); 'random' for random init (tests only)")
@@ -92,7 +92,7 @@ def cmd_pretrain(args) -> int:
 
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                          eval_every=args.eval_every, val_sets=args.val_sets or [], ema=args.ema,
-                         caption_positives=not args.no_caption_positives)
+                         caption_positives=args.caption_positives)
     best = pretrain(cfg, args.out, progress=not args.quiet)
     print(f"best checkpoint: {best}")
     return 0
@@ -317,9 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--eval-every", type=int, default=250)
     pt.add_argument("--val-sets", nargs="*", help="embedded datasets whose val split picks the checkpoint")
-    pt.add_argument("--ema", type=float, default=0.999, help="weight-average decay (0: evaluate raw weights)")
-    pt.add_argument("--no-caption-positives", action="store_true",
-                    help="count a caption shared by several emoji as a positive for its own emoji only")
+    pt.add_argument("--ema", type=float, default=0.0,
+                    help="evaluate and export a weight average with this decay, e.g. 0.999 (0: raw weights)")
+    pt.add_argument("--caption-positives", action="store_true",
+                    help="count a caption shared by several emoji (e.g. 'a flag.') as a positive for all of them")
     pt.set_defaults(func=cmd_pretrain)
 
     tr = sub.add_parser("train", help="train one host on one dataset (few-shot), then evaluate")

@@ -51,8 +51,9 @@ class PretrainConfig:
     logit_scale_lr: float = 1e-2
     weight_decay: float = 0.1
     warmup: int = 150
-    ema: float = 0.999  # decay of the weight average that is evaluated and exported (0 = off)
-    caption_positives: bool = True  # a caption shared by several emoji is a positive for all of them
+    # options tried in session 3 (docs/pretraining.md); off by default = the packaged model's recipe
+    ema: float = 0.0  # decay of a weight average that is evaluated and exported (0 = raw weights)
+    caption_positives: bool = False  # a caption shared by several emoji is a positive for all of them
     eval_every: int = 250
     seed: int = 0
     threads: int = 2
