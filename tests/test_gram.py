@@ -242,3 +242,19 @@ def test_packaged_artifact_matches_the_packaged_clip_and_regulator_moved(small_p
     # a regulator that learned nothing would keep its init gate sigmoid(4) = 0.982 and cosine 1 to the identity
     assert diag["text.gate"] < 0.95
     assert diag["text.cos_to_identity_mean"] < 0.999
+
+
+def test_theta_norm_cap_projects_the_text_rows_after_every_outer_step(tmp_path, monkeypatch):
+    import gramvl.gram.meta as m
+
+    monkeypatch.setattr(m, "token_norm", lambda bb: 0.1)  # cap = 2.0 x 0.1
+    _, free = _artifact(tmp_path / "free", outer_lr_theta=0.5)
+    _, capped = _artifact(tmp_path / "capped", outer_lr_theta=0.5, theta_norm_cap=2.0)
+    n_free = load_artifact(free)[0]["text_ctx"].norm(dim=-1)
+    n_cap = load_artifact(capped)[0]["text_ctx"].norm(dim=-1)
+    assert n_free.max() > 0.3  # without the cap Adam's steps inflate the rows
+    assert n_cap.max() <= 0.2 + 1e-6 and n_cap.max() > 0.19
+    rows = {"text_ctx": torch.tensor([[3.0, 4.0], [0.03, 0.04]]), "vis_ctx": torch.tensor([[3.0, 4.0]])}
+    m.cap_text_rows(rows, 1.0)
+    assert torch.allclose(rows["text_ctx"], torch.tensor([[0.6, 0.8], [0.03, 0.04]]))  # short rows unchanged
+    assert torch.equal(rows["vis_ctx"], torch.tensor([[3.0, 4.0]]))  # visual slots are not capped
