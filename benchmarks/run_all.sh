@@ -118,3 +118,26 @@ $PY benchmarks/gram_table.py --name gram_coop4 --hosts coop --base2new $R/base2n
 # few-shot curves of the hosts (issue 3)
 eval $P --name fewshot_text_hosts --protocol fewshot --shots 1 2 4 8 --methods zeroshot coop kgcoop prograd
 eval $P --name fewshot_visual_hosts --protocol fewshot --shots 2 4 --methods vpt ivlp maple
+# ---- session 3 (same packaged small CLIP) ----
+# image tower: open_clip forward vs the direct block path
+OMP_NUM_THREADS=1 $PY benchmarks/image_tower.py --models small ViT-B-16 --batch 512 8 --rounds 3
+# 16 shots for the text hosts, 8/16 for the visual hosts (the existing 1-8 / 2-4 shot records are reused)
+eval $P --name fewshot_text_hosts --protocol fewshot --shots 1 2 4 8 16 --methods zeroshot coop kgcoop prograd
+eval $P --name fewshot_visual_hosts --protocol fewshot --shots 2 4 8 16 --methods vpt ivlp maple
+# cross-dataset (source emoji-nature, 16 shots; targets the six other colour sets) and DG for every host
+D7="emoji-nature emoji-animals emoji-food emoji-activities emoji-travel emoji-objects emoji-faces"
+P3="OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --seeds 1 2 3"
+G=gramvl/assets/gram_coop.safetensors
+eval $P3 --name xd_hosts --protocol xd --datasets $D7 --methods zeroshot coop kgcoop prograd vpt ivlp maple
+eval $P --name dg_hosts --protocol dg --methods zeroshot coop kgcoop prograd vpt ivlp maple
+# GRAM (shipped artifact) on CoOp: few-shot curve with the lr control, DG, cross-dataset
+eval $P --name fewshot_coop_gram_curve --protocol fewshot --shots 1 2 4 8 16 --methods coop --gram $G --lr-control 0.95
+eval $P --name dg_coop_gram --protocol dg --methods coop --gram-only --gram $G
+eval $P3 --name xd_coop_gram --protocol xd --datasets $D7 --methods coop --gram-only --gram $G
+# GRAM on CoOp over the seven colour datasets: M = 16 (shipped artifact) and M = 4 'a photo of a'
+eval $P3 --name fewshot1_coop_gram_7ds --protocol fewshot --shots 1 --datasets $D7 --methods coop --gram $G --lr-control 0.95
+eval $P3 --name base2new_coop_gram_7ds --protocol base2new --datasets $D7 --methods coop --gram $G --lr-control 0.95
+eval $P3 --name fewshot1_coop4_gram_7ds --protocol fewshot --shots 1 --datasets $D7 --methods coop \
+    --gram runs/gram2/coop_m4_pw1.safetensors --lr-control 0.95 --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P3 --name base2new_coop4_gram_7ds --protocol base2new --datasets $D7 --methods coop \
+    --gram runs/gram2/coop_m4_pw1.safetensors --lr-control 0.95 --set n_ctx=4 "'ctx_init=a photo of a'"
