@@ -303,3 +303,12 @@ def test_host_config_is_not_shared_between_hosts(small_random_backbone):
     a = build_host("coop", small_random_backbone, NAMES)
     b = build_host("coop", small_random_backbone, NAMES)
     assert a.cfg is not b.cfg and dataclasses.asdict(a.cfg) == dataclasses.asdict(b.cfg)
+
+
+def test_coop_random_init_std_is_configurable(small_random_backbone):
+    names = ["cat", "dog"]
+    default = build_host("coop", small_random_backbone, names, {"n_ctx": 16}).text_ctx.detach()
+    wide = build_host("coop", small_random_backbone, names, {"n_ctx": 16, "init_std": 0.2}).text_ctx.detach()
+    assert default.std().item() == pytest.approx(0.02, rel=0.15)
+    assert wide.std().item() == pytest.approx(0.2, rel=0.15)
+    assert torch.allclose(wide, default * 10, atol=1e-6)  # the same seeded draw, scaled

@@ -41,6 +41,7 @@ class HostConfig:
     n_ctx: int = 4
     ctx_init: str = "a photo of a"  # "" -> random init (N(0, 0.02))
     ctx_init_mode: str = ""  # "" -> the host's own (CoOp: exact); "pad": zeros, then the words (n_ctx >= words)
+    init_std: float = 0.0  # std of a random context init (0 -> 0.02, the papers' value); CoOp family
     class_token_position: str = "end"  # end | middle | front (CoOp)
     csc: bool = False  # class-specific context (CoOp)
     n_vis_ctx: int = 4

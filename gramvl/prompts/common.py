@@ -37,7 +37,8 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def context_init(bb: Backbone, ctx_init: str, n_ctx: int, mode: str = "exact") -> tuple[torch.Tensor, str]:
+def context_init(bb: Backbone, ctx_init: str, n_ctx: int, mode: str = "exact",
+                 std: float = INIT_STD) -> tuple[torch.Tensor, str]:
     """Initial context [n_ctx, d_text] and the words kept fixed between the context and the class name.
 
     ctx_init "" -> N(0, 0.02). Otherwise by `mode`: "exact" (CoOp/CoCoOp/KgCoOp: n_ctx must equal the
@@ -47,7 +48,7 @@ def context_init(bb: Backbone, ctx_init: str, n_ctx: int, mode: str = "exact") -
     """
     d = bb.text_width
     if not ctx_init:
-        return normal_init(n_ctx, d), ""
+        return normal_init(n_ctx, d, std=std or INIT_STD), ""
     text = ctx_init.replace("_", " ").strip()
     emb = bb.token_embeddings(text).float().cpu()
     n = emb.shape[0]

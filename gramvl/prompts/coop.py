@@ -10,7 +10,7 @@ from torch import nn
 from gramvl.backbone import Backbone
 from gramvl.errors import GramvlError
 from gramvl.prompts.base import HostConfig, Recipe
-from gramvl.prompts.common import TextPromptHost, context_init, normal_init, seeded
+from gramvl.prompts.common import INIT_STD, TextPromptHost, context_init, normal_init, seeded
 
 COOP_SOURCE = ("CoOp, Zhou et al. IJCV 2022; KaiyangZhou/CoOp configs/trainers/CoOp/vit_b16*.yaml and "
                "scripts/coop/main.sh (M=16, random init, class token at the end)")
@@ -33,9 +33,10 @@ class CoOp(TextPromptHost):
         self.n_ctx = cfg.n_ctx
         with seeded(cfg.seed):
             if cfg.csc and not cfg.ctx_init:
-                ctx = normal_init(len(self.classnames), cfg.n_ctx, bb.text_width)
+                ctx = normal_init(len(self.classnames), cfg.n_ctx, bb.text_width, std=cfg.init_std or INIT_STD)
             else:
-                ctx, self.fixed_words = context_init(bb, cfg.ctx_init, cfg.n_ctx, cfg.ctx_init_mode or self.init_mode)
+                ctx, self.fixed_words = context_init(bb, cfg.ctx_init, cfg.n_ctx, cfg.ctx_init_mode or self.init_mode,
+                                                      std=cfg.init_std or INIT_STD)
                 if cfg.csc:
                     ctx = ctx.unsqueeze(0).repeat(len(self.classnames), 1, 1)
         self.text_ctx = nn.Parameter(ctx.to(bb.device))
