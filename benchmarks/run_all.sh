@@ -118,26 +118,43 @@ $PY benchmarks/gram_table.py --name gram_coop4 --hosts coop --base2new $R/base2n
 # few-shot curves of the hosts (issue 3)
 eval $P --name fewshot_text_hosts --protocol fewshot --shots 1 2 4 8 --methods zeroshot coop kgcoop prograd
 eval $P --name fewshot_visual_hosts --protocol fewshot --shots 2 4 --methods vpt ivlp maple
-# ---- session 3 (same packaged small CLIP) ----
+# ---- session 3 (same packaged small CLIP; jobs ran 3-5 at a time, one thread each) ----
 # image tower: open_clip forward vs the direct block path
 OMP_NUM_THREADS=1 $PY benchmarks/image_tower.py --models small ViT-B-16 --batch 512 8 --rounds 3
 # 16 shots for the text hosts, 8/16 for the visual hosts (the existing 1-8 / 2-4 shot records are reused)
 eval $P --name fewshot_text_hosts --protocol fewshot --shots 1 2 4 8 16 --methods zeroshot coop kgcoop prograd
 eval $P --name fewshot_visual_hosts --protocol fewshot --shots 2 4 8 16 --methods vpt ivlp maple
-# cross-dataset (source emoji-nature, 16 shots; targets the six other colour sets) and DG for every host
+# DG for every host but CoCoOp; cross-dataset (source emoji-nature, 16 shots; targets the six other colour sets)
 D7="emoji-nature emoji-animals emoji-food emoji-activities emoji-travel emoji-objects emoji-faces"
 P3="OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --seeds 1 2 3"
 G=gramvl/assets/gram_coop.safetensors
-eval $P3 --name xd_hosts --protocol xd --datasets $D7 --methods zeroshot coop kgcoop prograd vpt ivlp maple
 eval $P --name dg_hosts --protocol dg --methods zeroshot coop kgcoop prograd vpt ivlp maple
+eval $P3 --name xd_hosts --protocol xd --datasets $D7 --methods zeroshot coop kgcoop prograd
 # GRAM (shipped artifact) on CoOp: few-shot curve with the lr control, DG, cross-dataset
 eval $P --name fewshot_coop_gram_curve --protocol fewshot --shots 1 2 4 8 16 --methods coop --gram $G --lr-control 0.95
 eval $P --name dg_coop_gram --protocol dg --methods coop --gram-only --gram $G
 eval $P3 --name xd_coop_gram --protocol xd --datasets $D7 --methods coop --gram-only --gram $G
-# GRAM on CoOp over the seven colour datasets: M = 16 (shipped artifact) and M = 4 'a photo of a'
+# GRAM on CoOp over more datasets: 1 shot over the seven colour sets (M = 16 shipped; M = 4 'a photo of a'),
+# base-to-new over four (the 7-dataset run was cut for time; its emoji-nature GRAM records were copied from
+# base2new_coop_gram2, made with runs/gram2/coop_pw1 = the shipped artifact byte for byte)
 eval $P3 --name fewshot1_coop_gram_7ds --protocol fewshot --shots 1 --datasets $D7 --methods coop --gram $G --lr-control 0.95
-eval $P3 --name base2new_coop_gram_7ds --protocol base2new --datasets $D7 --methods coop --gram $G --lr-control 0.95
 eval $P3 --name fewshot1_coop4_gram_7ds --protocol fewshot --shots 1 --datasets $D7 --methods coop \
     --gram runs/gram2/coop_m4_pw1.safetensors --lr-control 0.95 --set n_ctx=4 "'ctx_init=a photo of a'"
-eval $P3 --name base2new_coop4_gram_7ds --protocol base2new --datasets $D7 --methods coop \
-    --gram runs/gram2/coop_m4_pw1.safetensors --lr-control 0.95 --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P3 --name base2new_coop_gram_4ds --protocol base2new --datasets emoji-nature emoji-animals emoji-food \
+    emoji-activities --methods coop --gram $G
+# why θ* hurts CoOp: a norm cap on θ (val first, then test), its parts, and a random init of the same norm
+OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --steps 600 --set meta.theta_norm_cap=1.5 \
+    --out runs/gram3/coop_cap15.safetensors
+V="OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --seeds 1 2 3 --datasets emoji-nature --eval-split val --runs runs/val"
+C=runs/gram3/coop_cap15.safetensors
+eval $V --name val_fewshot_coop_cap15 --protocol fewshot --shots 1 4 16 --methods coop --gram $C
+eval $V --name val_fewshot_coop_pw1 --protocol fewshot --shots 1 4 16 --methods coop --gram-only --gram $G
+eval $V --name val_b2n_coop_cap15 --protocol base2new --methods coop --gram-only --gram $C
+eval $V --name val_fewshot_coop_cap15_parts --protocol fewshot --shots 1 16 --methods coop --gram-only --gram-parts init regulator --gram $C
+eval $V --name val_fewshot_coop_pw1_parts --protocol fewshot --shots 1 16 --methods coop --gram-only --gram-parts init regulator --gram $G
+# (val_fewshot_coop_cap15_init reused the 16-shot and two 1-shot records of the _parts run: the same units)
+eval $V --name val_fewshot_coop_cap15_init --protocol fewshot --shots 1 2 4 8 16 --methods coop --gram-only --gram-parts init --gram $C
+eval $V --name val_b2n_coop_cap15_init --protocol base2new --methods coop --gram-only --gram-parts init --gram $C
+eval $P --name fewshot_coop_cap15_init --protocol fewshot --shots 1 2 4 8 16 --methods coop --gram-only --gram-parts init --gram $C
+eval $P --name base2new_coop_cap15_init --protocol base2new --methods coop --gram-only --gram-parts init --gram $C
+eval $P --name fewshot_coop_initstd --protocol fewshot --shots 1 8 16 --methods coop --set init_std=0.031
