@@ -181,7 +181,8 @@ def caption_positive_table(caps: list[str], owner: list[int], concept_of_pair: l
     return torch.tensor(cap_id), [torch.tensor(sorted(m)) for m in members]
 
 
-def positive_matrix(concepts: torch.Tensor, cap_ids: torch.Tensor, members: list[torch.Tensor] | None) -> torch.Tensor:
+def positive_matrix(concepts: torch.Tensor, cap_ids: torch.Tensor | None,
+                    members: list[torch.Tensor] | None) -> torch.Tensor:
     """pos[i, j] = 1 when text j describes image i: the same concept, or a caption that concept i also has."""
     pos = concepts[:, None] == concepts[None, :]
     if members is not None:
@@ -270,9 +271,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     starts[1:] = torch.bincount(owner_t, minlength=len(pairs)).cumsum(0)
     concept = {}
     concept_id = torch.tensor([concept.setdefault(p.get("hexcode", p["name"]), len(concept)) for p in pairs])
-    cap_str_id, cap_members = caption_positive_table(caps, owner, concept_id.tolist())
-    if not cfg.caption_positives:
-        cap_members = None
+    cap_str_id, cap_members = (caption_positive_table(caps, owner, concept_id.tolist()) if cfg.caption_positives
+                               else (None, None))
     ema = {k: v.detach().clone() for k, v in net.named_parameters()} if cfg.ema > 0 else None
 
     val_names = cfg.val_sets
@@ -321,7 +321,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
                     tensors[f"opt.{i}.exp_avg"] = st["exp_avg"]
                     tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"]
             if ema is not None:
-                tensors.update({f"ema.{k}": v for k, v in ema.items() if not k.endswith("attn_mask")})
+                tensors.update({f"ema.{k}": v for k, v in ema.items()})
         save_tensors(path, tensors, _sidecar(cfg, extra))
 
     class _Swapped:
@@ -356,7 +356,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
         fi = F.normalize(net.encode_image(imgs), dim=-1)
         ft = F.normalize(net.encode_text(text), dim=-1)
         logits = net.logit_scale.exp().clamp(max=100) * fi @ ft.T
-        pos = positive_matrix(concept_id[idx], cap_str_id[cap_idx], cap_members)
+        pos = positive_matrix(concept_id[idx], None if cap_str_id is None else cap_str_id[cap_idx], cap_members)
         loss = 0.5 * (torch.sum(-(pos / pos.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1).mean()
                       + torch.sum(-(pos.T / pos.T.sum(1, keepdim=True)) * F.log_softmax(logits.T, 1), 1).mean())
         opt.zero_grad(set_to_none=True)
