@@ -158,3 +158,6 @@ eval $V --name val_b2n_coop_cap15_init --protocol base2new --methods coop --gram
 eval $P --name fewshot_coop_cap15_init --protocol fewshot --shots 1 2 4 8 16 --methods coop --gram-only --gram-parts init --gram $C
 eval $P --name base2new_coop_cap15_init --protocol base2new --methods coop --gram-only --gram-parts init --gram $C
 eval $P --name fewshot_coop_initstd --protocol fewshot --shots 1 8 16 --methods coop --set init_std=0.031
+# CoCoOp beyond 1 shot (its 1-shot records were copied from fewshot1_hosts: the same units)
+OMP_NUM_THREADS=2 $PY benchmarks/protocols.py --seeds 1 2 3 --datasets emoji-nature --name fewshot_cocoop \
+    --protocol fewshot --shots 1 2 4 8 16 --methods cocoop
