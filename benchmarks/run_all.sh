@@ -161,3 +161,10 @@ eval $P --name fewshot_coop_initstd --protocol fewshot --shots 1 8 16 --methods 
 # CoCoOp beyond 1 shot (its 1-shot records were copied from fewshot1_hosts: the same units)
 OMP_NUM_THREADS=2 $PY benchmarks/protocols.py --seeds 1 2 3 --datasets emoji-nature --name fewshot_cocoop \
     --protocol fewshot --shots 1 2 4 8 16 --methods cocoop
+# GRAM ablations of the current default: first order, no shifted query
+for a in "firstorder meta.second_order=false" "noshift meta.shifted_weight=0"; do set -- $a
+    OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --steps 600 --set $2 --out runs/gram3/coop_$1.safetensors
+    eval $P --name base2new_coop_gram_$1 --protocol base2new --methods coop --gram-only --gram runs/gram3/coop_$1.safetensors
+    eval $P --name fewshot1_coop_gram_$1 --protocol fewshot --shots 1 --methods coop --gram-only --gram runs/gram3/coop_$1.safetensors
+done
+
