@@ -48,7 +48,7 @@ def context_init(bb: Backbone, ctx_init: str, n_ctx: int, mode: str = "exact",
     """
     d = bb.text_width
     if not ctx_init:
-        return normal_init(n_ctx, d, std=std or INIT_STD), ""
+        return normal_init(n_ctx, d, std=std), ""
     text = ctx_init.replace("_", " ").strip()
     emb = bb.token_embeddings(text).float().cpu()
     n = emb.shape[0]
@@ -64,7 +64,7 @@ def context_init(bb: Backbone, ctx_init: str, n_ctx: int, mode: str = "exact",
         return torch.cat([torch.zeros(n_ctx - n, d), emb]), ""
     if mode == "split":
         if n_ctx > n:
-            return normal_init(n_ctx, d), ""
+            return normal_init(n_ctx, d, std=std), ""
         words = text.split()
         for k in range(len(words) + 1):
             if len(bb._encode_words(" ".join(words[:k]))) == n_ctx:

@@ -31,12 +31,13 @@ class CoOp(TextPromptHost):
         super().__init__(bb, classnames, cfg)
         cfg = self.cfg
         self.n_ctx = cfg.n_ctx
+        std = cfg.init_std or INIT_STD
         with seeded(cfg.seed):
             if cfg.csc and not cfg.ctx_init:
-                ctx = normal_init(len(self.classnames), cfg.n_ctx, bb.text_width, std=cfg.init_std or INIT_STD)
+                ctx = normal_init(len(self.classnames), cfg.n_ctx, bb.text_width, std=std)
             else:
                 ctx, self.fixed_words = context_init(bb, cfg.ctx_init, cfg.n_ctx, cfg.ctx_init_mode or self.init_mode,
-                                                      std=cfg.init_std or INIT_STD)
+                                                      std=std)
                 if cfg.csc:
                     ctx = ctx.unsqueeze(0).repeat(len(self.classnames), 1, 1)
         self.text_ctx = nn.Parameter(ctx.to(bb.device))
