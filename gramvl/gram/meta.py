@@ -19,9 +19,7 @@ the artifact.
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm import tqdm
 
 from gramvl import dist
 from gramvl.errors import GramvlError
+from gramvl.gram.loop import OuterLoop, slot_tensors
 from gramvl.gram.regulator import RegulatorSet, modality_of
-from gramvl.io import load_tensors, save_tensors, write_json
+from gramvl.io import save_tensors, write_json
 from gramvl.prompts.base import PromptLearner
 
 ARTIFACT_FORMAT = "gramvl-gram-artifact"
@@ -210,35 +208,22 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     opt_p = torch.optim.Adam(psi.parameters(), lr=cfg.outer_lr_phi) if psi is not None else None
     for p in host.parameters():
         p.requires_grad_(False)
-    history: list[dict] = []
-    start, elapsed = 0, 0.0
-    resumed = resume_checkpoint(ckpt, cfg, theta, psi)
-    if resumed:
-        start, elapsed, history = resumed
-    if dist.active() and len(set(dist.all_gather_object(start))) > 1:
+    loop = OuterLoop(cfg, ckpt, theta, psi, f"meta-train {host.name}", progress and dist.is_main())
+    if dist.active() and len(set(dist.all_gather_object(loop.start))) > 1:
         raise GramvlError(f"ranks resumed {ckpt} at different steps; the artifact folder must be on a "
                           f"filesystem that every rank sees")
     dist.broadcast_tensors(list(theta.values()) + (list(psi.parameters()) if psi is not None else []))
-    progress = progress and dist.is_main()
-    if resumed:
-        if progress:
-            print(f"resuming meta-training at step {start}")
-    rng = np.random.default_rng(cfg.seed + 7919 * start)
     cap = cfg.theta_norm_cap * token_norm(host.bb) if cfg.theta_norm_cap > 0 else None
-    if cap is not None and start == 0:
+    if cap is not None and loop.start == 0:
         cap_text_rows(theta, cap)
-    t0 = time.time() - elapsed
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"meta-train {host.name}", disable=not progress,
-               mininterval=2)
-    step = start
-    for step in range(start, cfg.steps):
+    for _step in loop.steps():
         opt_t.zero_grad(set_to_none=True)
         if opt_p:
             opt_p.zero_grad(set_to_none=True)
-        rec = {"loss": 0.0, "pre_acc": 0.0, "post_acc": 0.0, "shift_acc": 0.0}
+        rec = loop.new_record()
         mine: list[tuple[tuple, dict]] = []  # under torchrun: this rank's tasks (gradients, record terms)
         for i in range(cfg.meta_batch):
-            task = sampler.sample(rng)  # every rank draws every task: the same sequence on all ranks
+            task = sampler.sample(loop.rng)  # every rank draws every task: the same sequence on all ranks
             if i % dist.world() != dist.rank():
                 continue
             sup = data.batch(task.support_idx)
@@ -272,20 +257,9 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
         outer_update(list(theta.values()), opt_t, psi, opt_p, cfg.grad_clip)
         if cap is not None:
             cap_text_rows(theta, cap)
-        rec["step"] = step + 1
-        history.append(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", post=f"{rec['post_acc']:.2f}")
-        done = step + 1 == cfg.steps
-        over = cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s
-        if cfg.time_budget_s and dist.active():
-            over = dist.broadcast_object(bool(over))  # rank 0's clock decides, so all ranks stop together
-        if ((step + 1) % cfg.checkpoint_every == 0 or done or over) and dist.is_main():
-            _save_ckpt(ckpt, theta, psi, cfg, step + 1, time.time() - t0, history)
-        if over:
-            break
-    bar.close()
-    seconds = time.time() - t0
+        # rank 0's clock decides when the time budget is spent, so all ranks stop together
+        loop.end_step(_step, rec, save=dist.is_main(), sync=dist.broadcast_object if dist.active() else None,
+                      loss=f"{rec['loss']:.3f}", post=f"{rec['post_acc']:.2f}")
     if not dist.is_main():
         dist.barrier()  # returns once rank 0 has written the artifact
         return out
@@ -293,14 +267,10 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
                                  lr=cfg.inner_lr)
     sidecar = {"format": ARTIFACT_FORMAT, "host": cfg.host, "unigram": cfg.unigram,
                "backbone": host.bb.ident, "slots": {n: list(theta[n].shape) for n in names},
-               "regulator": psi.config() if psi is not None else None, "config": _jsonable(asdict(cfg)),
-               "steps_done": len(history), "seconds": round(seconds, 1), "curve": _curve(history),
+               "regulator": psi.config() if psi is not None else None, **loop.summary(),
                "psi_diagnostics": diag, **(extra_meta or {})}
-    tensors = {f"theta.{n}": theta[n].detach() for n in names}
-    if psi is not None:
-        tensors.update({f"psi.{k}": v for k, v in psi.state_dict().items()})
-    save_tensors(out, tensors, sidecar)
-    write_json(out.with_name(out.stem + ".history.json"), history)
+    save_tensors(out, slot_tensors(theta, psi), sidecar)
+    write_json(out.with_name(out.stem + ".history.json"), loop.history)
     dist.barrier()
     return out
 
@@ -336,47 +306,6 @@ def _accumulate_in_task_order(params: list[torch.Tensor], mine: list[tuple[tuple
                     p.grad += g
         for k, v in zip(_TERMS, rest[sum(sizes):].tolist(), strict=True):
             rec[k] += v
-
-
-def resume_checkpoint(ckpt: Path, cfg, theta: dict[str, torch.Tensor], psi) -> tuple[int, float, list] | None:
-    """Load θ and ψ from a meta-training checkpoint written with the same config; (step, seconds, history)."""
-    if not ckpt.is_file():
-        return None
-    tensors, meta = load_tensors(ckpt)
-    if not meta or meta.get("config") != _jsonable(asdict(cfg)):
-        return None
-    for n, p in theta.items():
-        p.data.copy_(tensors[f"theta.{n}"])
-    if psi is not None:
-        psi.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("psi.")})
-    return meta["step"], meta["seconds"], meta["history"]
-
-
-def _save_ckpt(path: Path, theta, psi, cfg: MetaConfig, step: int, seconds: float, history: list) -> None:
-    tensors = {f"theta.{n}": p.detach() for n, p in theta.items()}
-    if psi is not None:
-        tensors.update({f"psi.{k}": v for k, v in psi.state_dict().items()})
-    save_tensors(path, tensors, {"config": _jsonable(asdict(cfg)), "step": step, "seconds": seconds,
-                                 "history": history})
-
-
-def _jsonable(d):
-    import json
-
-    return json.loads(json.dumps(d, default=str))
-
-
-def _curve(history: list[dict], points: int = 50) -> list[dict]:
-    """The training curve, averaged into at most `points` windows (kept in the artifact sidecar)."""
-    if not history:
-        return []
-    w = max(1, math.ceil(len(history) / points))
-    out = []
-    for s in range(0, len(history), w):
-        chunk = history[s:s + w]
-        out.append({"step": chunk[-1]["step"], **{k: float(np.mean([h[k] for h in chunk]))
-                                                   for k in ("loss", "pre_acc", "post_acc", "shift_acc")}})
-    return out
 
 
 def regulator_diagnostics(host, theta, psi, sampler, data, paths, rng, tasks: int = 16, lr: float = 1.0) -> dict:

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from gramvl.backbone import Backbone
 from gramvl.errors import GramvlError
 from gramvl.gram.cmhc import CMHCConfig
-from gramvl.gram.meta import ARTIFACT_FORMAT, _curve, _jsonable, outer_update, resume_checkpoint
+from gramvl.gram.loop import OuterLoop, slot_tensors
+from gramvl.gram.meta import ARTIFACT_FORMAT, outer_update
 from gramvl.gram.regulator import RegulatorSet
 from gramvl.gram.tasks import TaskConfig
 from gramvl.io import save_tensors, write_json
@@ -251,23 +252,14 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
     psi = StructuredRegulator(psi_set.regs["text"], context) if psi_set is not None else None
     opt_t = torch.optim.Adam([theta], lr=cfg.outer_lr_theta)
     opt_p = torch.optim.Adam(psi_set.parameters(), lr=cfg.outer_lr_phi) if psi_set is not None else None
-    history: list[dict] = []
-    start, elapsed = 0, 0.0
-    resumed = resume_checkpoint(ckpt, cfg, {"text_ctx": theta}, psi_set)
-    if resumed:
-        start, elapsed, history = resumed
-        if progress:
-            print(f"resuming test-time meta-training at step {start}")
-    rng = np.random.default_rng(cfg.seed + 7919 * start)
-    t0 = time.time() - elapsed
-    bar = tqdm(total=cfg.steps, initial=start, desc="meta-train tta", disable=not progress, mininterval=2)
-    for step in range(start, cfg.steps):
+    loop = OuterLoop(cfg, ckpt, {"text_ctx": theta}, psi_set, "meta-train tta", progress)
+    for step in loop.steps():
         opt_t.zero_grad(set_to_none=True)
         if opt_p:
             opt_p.zero_grad(set_to_none=True)
-        rec = {"loss": 0.0, "pre_acc": 0.0, "post_acc": 0.0, "shift_acc": 0.0}
+        rec = loop.new_record()
         for _ in range(cfg.meta_batch):
-            task = sampler.sample(rng)
+            task = sampler.sample(loop.rng)
             loss, pre, post = tta_query_loss(bb, task.classnames, theta, views.get(task.query_idx),
                                              torch.as_tensor(task.query_labels, dtype=torch.long), cfg, psi,
                                              cfg.second_order)
@@ -282,19 +274,8 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
             (loss / cfg.meta_batch).backward()
             rec["loss"] += float(loss.detach()) / cfg.meta_batch
         outer_update([theta], opt_t, psi_set, opt_p, cfg.grad_clip)
-        rec["step"] = step + 1
-        history.append(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", pre=f"{rec['pre_acc']:.2f}", post=f"{rec['post_acc']:.2f}")
-        done = step + 1 == cfg.steps
-        over = cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s
-        if (step + 1) % cfg.checkpoint_every == 0 or done or over:
-            _save(ckpt, theta, psi_set, None, {"config": _jsonable(asdict(cfg)), "step": step + 1,
-                                               "seconds": time.time() - t0, "history": history})
-        if over:
-            break
-    bar.close()
-    seconds = time.time() - t0
+        loop.end_step(step, rec, loss=f"{rec['loss']:.3f}", pre=f"{rec['pre_acc']:.2f}",
+                      post=f"{rec['post_acc']:.2f}")
     diag = tta_diagnostics(bb, theta.detach(), psi, sampler, views, cfg, np.random.default_rng(cfg.seed + 1))
     sidecar = {"format": ARTIFACT_FORMAT, "host": "coop", "unigram": False, "tta": True, "backbone": bb.ident,
                "slots": {"text_ctx": list(theta.shape)},
@@ -303,21 +284,13 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
                              "tau": cfg.tau, "n_prototypes": int(prototypes.shape[0]) if structured else 0},
                "tpt": {"lr": cfg.inner_lr, "weight_decay": cfg.weight_decay, "selection": cfg.selection,
                        "views": cfg.views},
-               "config": _jsonable(asdict(cfg)), "steps_done": len(history), "seconds": round(seconds, 1),
-               "curve": _curve(history), "psi_diagnostics": diag, **(extra_meta or {})}
-    _save(out, theta, psi_set, context.prototypes if structured else None, sidecar)
-    write_json(out.with_name(out.stem + ".history.json"), history)
+               **loop.summary(), "psi_diagnostics": diag, **(extra_meta or {})}
+    tensors = slot_tensors({"text_ctx": theta}, psi_set)
+    if structured:
+        tensors["prototypes"] = context.prototypes
+    save_tensors(out, tensors, sidecar)
+    write_json(out.with_name(out.stem + ".history.json"), loop.history)
     return out
-
-
-def _save(path: Path, theta: torch.Tensor, psi_set: RegulatorSet | None, prototypes: torch.Tensor | None,
-          sidecar: dict) -> None:
-    tensors = {"theta.text_ctx": theta.detach()}
-    if psi_set is not None:
-        tensors.update({f"psi.{k}": v for k, v in psi_set.state_dict().items()})
-    if prototypes is not None:
-        tensors["prototypes"] = prototypes
-    save_tensors(path, tensors, sidecar)
 
 
 def tta_diagnostics(bb: Backbone, theta: torch.Tensor, psi: StructuredRegulator | None, sampler,
