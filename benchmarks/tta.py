@@ -82,6 +82,32 @@ def tuners(bb, classnames, seed: int, args, tta_path: Path, first_seed: bool) ->
     return out
 
 
+def unit_key(bb, name: str, seed: int, args, tta_path: Path) -> str:
+    """Identity of one (dataset, seed) unit: the model, the samples, the views and both artifacts' bytes."""
+    import hashlib
+
+    gram_path = Path(args.gram) if args.gram else tta_path
+    h = hashlib.sha256(json.dumps([bb.ident, name, seed, args.limit, args.n_views, args.batch_images,
+                                   bool(args.ablations)]).encode())
+    for p in (tta_path, gram_path):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_unit(bb, ds, name: str, seed: int, args, tta_path: Path, first_seed: bool) -> dict:
+    """Per-method metrics of one (dataset, seed) unit; cached in --work/records so an interrupted run resumes."""
+    rec_path = Path(args.work) / "records" / f"{name}_seed{seed}_{unit_key(bb, name, seed, args, tta_path)}.json"
+    if rec_path.is_file():
+        cached = json.loads(rec_path.read_text())
+        if first_seed <= ("zeroshot" in cached):
+            return cached
+    res = run_tta_many(tuners(bb, ds.classnames, seed, args, tta_path, first_seed), ds, args.limit,
+                       progress=not args.quiet)
+    out = {m: {**r["metrics"], "correct": r["per_sample"]["correct"]} for m, r in res.items()}
+    write_json(rec_path, out)
+    return out
+
+
 def mean_accuracy(results: dict, names: list[str], method: str) -> float:
     return float(np.mean([results[n]["methods"][method]["accuracy_mean"] for n in names]))
 
@@ -128,11 +154,8 @@ def main() -> None:
         ds = get_dataset(name, "test")
         runs: dict[str, list[dict]] = {}
         for i, seed in enumerate(args.seeds):
-            res = run_tta_many(tuners(bb, ds.classnames, seed, args, tta_path, i == 0), ds, args.limit,
-                               progress=not args.quiet)
-            for method, r in res.items():
-                runs.setdefault(method, []).append({"seed": seed, **r["metrics"],
-                                                    "correct": r["per_sample"]["correct"]})
+            for method, r in run_unit(bb, ds, name, seed, args, tta_path, i == 0).items():
+                runs.setdefault(method, []).append({"seed": seed, **r})
         entry = {"classes": ds.num_classes, "test_images": len(ds.samples), "n": runs["tpt"][0]["n"],
                  "chance": 1.0 / ds.num_classes, "methods": {}}
         for method, rs in runs.items():

@@ -28,37 +28,40 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["coop", "vpt"])
     ap.add_argument("--mults", nargs="+", type=float, default=[1, 10, 50])
     ap.add_argument("--dataset", default="emoji-nature")
-    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--shots", nargs="+", type=int, default=[16])
     ap.add_argument("--epoch-mult", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--name", default="tuning_small", help="result file stem in docs/results/")
     args = ap.parse_args()
     t0 = time.time()
     bb = load_backbone("small")
     rows, results = [], {}
     for m in args.methods:
-        base = resolved_recipe(HOSTS[m], TrainConfig(method=m, shots=args.shots))
-        epochs = max(1, round(base.epochs * args.epoch_mult))
-        for mult in args.mults:
-            out = ROOT / "runs" / "tune" / f"{m}_lr{mult:g}_ep{epochs}"
-            p = ProtocolConfig(protocol="fewshot", method=m, datasets=[args.dataset], seeds=[args.seed],
-                               shots=[args.shots], out=str(out), lr=base.lr * mult, epochs=epochs,
-                               eval_split="val")
-            s = run_protocol(p, progress=False, bb=bb)
-            acc = s["average"]["accuracy"]
-            results[f"{m}@{mult:g}"] = {"method": m, "lr_mult": mult, "lr": base.lr * mult, "epochs": epochs,
-                                        "val_accuracy": acc}
-            rows.append([m, f"{mult:g}", f"{base.lr * mult:g}", epochs, f"{100 * acc:.2f}"])
-            print(rows[-1], flush=True)
-    write_json(ROOT / "docs" / "results" / "tuning_small.json",
+        for shots in args.shots:
+            base = resolved_recipe(HOSTS[m], TrainConfig(method=m, shots=shots))
+            epochs = max(1, round(base.epochs * args.epoch_mult))
+            for mult in args.mults:
+                out = ROOT / "runs" / "tune" / f"{m}_lr{mult:g}_ep{epochs}"
+                p = ProtocolConfig(protocol="fewshot", method=m, datasets=[args.dataset], seeds=[args.seed],
+                                   shots=[shots], out=str(out), lr=base.lr * mult, epochs=epochs,
+                                   eval_split="val")
+                s = run_protocol(p, progress=False, bb=bb)
+                acc = s["average"]["accuracy"]
+                results[f"{m}@{mult:g}@{shots}"] = {"method": m, "shots": shots, "lr_mult": mult,
+                                                    "lr": base.lr * mult, "epochs": epochs, "val_accuracy": acc}
+                rows.append([m, shots, f"{mult:g}", f"{base.lr * mult:g}", epochs, f"{100 * acc:.2f}"])
+                print(rows[-1], flush=True)
+    write_json(ROOT / "docs" / "results" / f"{args.name}.json",
                {"results": results, "dataset": args.dataset, "split": "val", "seed": args.seed,
                 "shots": args.shots, "model": bb.ident, "versions": versions()})
     md = ["# Recipe tuning for the small CLIP (val split only)\n\n",
-          f"Few-shot ({args.shots} shots, seed {args.seed}) on `{args.dataset}`, accuracy on its **val** split. "
+          f"Few-shot ({', '.join(map(str, args.shots))} shots, seed {args.seed}) on `{args.dataset}`, accuracy on its **val** split. "
           f"Epochs = paper epochs x {args.epoch_mult} (2-core budget). Model `{bb.ident}`.\n\n",
-          markdown_table(["method", "lr multiplier", "lr", "epochs", "val accuracy %"], rows),
-          f"\nCommand: `python benchmarks/tune_small.py --methods {' '.join(args.methods)} --mults "
-          f"{' '.join(f'{m:g}' for m in args.mults)} --dataset {args.dataset}`; {time.time() - t0:.0f} s.\n"]
-    write_text(ROOT / "docs" / "results" / "tuning_small.md", "".join(md))
+          markdown_table(["method", "shots", "lr multiplier", "lr", "epochs", "val accuracy %"], rows),
+          f"\nCommand: `python benchmarks/tune_small.py --name {args.name} --methods {' '.join(args.methods)} "
+          f"--mults {' '.join(f'{m:g}' for m in args.mults)} --shots {' '.join(map(str, args.shots))} "
+          f"--epoch-mult {args.epoch_mult:g} --dataset {args.dataset}`; {time.time() - t0:.0f} s.\n"]
+    write_text(ROOT / "docs" / "results" / f"{args.name}.md", "".join(md))
 
 
 if __name__ == "__main__":
