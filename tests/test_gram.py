@@ -258,3 +258,33 @@ def test_theta_norm_cap_projects_the_text_rows_after_every_outer_step(tmp_path, 
     m.cap_text_rows(rows, 1.0)
     assert torch.allclose(rows["text_ctx"], torch.tensor([[0.6, 0.8], [0.03, 0.04]]))  # short rows unchanged
     assert torch.equal(rows["vis_ctx"], torch.tensor([[3.0, 4.0]]))  # visual slots are not capped
+
+
+def test_descent_guard_keeps_every_regulated_row_within_min_cos_of_the_gradient(tmp_path):
+    torch.manual_seed(0)
+    free = Regulator(16, rank=8, gate_init=-4.0)
+    nn.init.normal_(free.up.weight, std=3.0)
+    guarded = Regulator(16, rank=8, gate_init=-4.0, min_cos=0.6)
+    guarded.load_state_dict(free.state_dict())
+    g = torch.randn(64, 16) * torch.rand(64, 1) * 5
+    cos_free = torch.nn.functional.cosine_similarity(free(g), g, dim=-1)
+    out = guarded(g)
+    cos = torch.nn.functional.cosine_similarity(out, g, dim=-1)
+    assert cos_free.min() < 0.3  # the unguarded ψ turns some rows far (the case the guard is for)
+    assert cos.min() >= 0.6 - 1e-5
+    assert torch.allclose(out.norm(dim=-1), g.norm(dim=-1), rtol=1e-5)  # still norm-preserving
+    kept = cos_free >= 0.6  # rows already within the bound are left exactly as they were
+    assert kept.any() and torch.allclose(out[kept], free(g)[kept], atol=1e-6)
+    turned = ~kept  # the others keep their side: the perpendicular parts point the same way
+    pf = free(g)[turned] - (free(g)[turned] * g[turned]).sum(-1, keepdim=True) * g[turned] / g[turned].norm(
+        dim=-1, keepdim=True).pow(2)
+    pg = out[turned] - (out[turned] * g[turned]).sum(-1, keepdim=True) * g[turned] / g[turned].norm(
+        dim=-1, keepdim=True).pow(2)
+    assert torch.nn.functional.cosine_similarity(pf, pg, dim=-1).min() > 0.999
+    out.sum().backward()  # differentiable, no NaN through the untaken branch
+    assert all(torch.isfinite(p.grad).all() for p in guarded.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="min_cos"):
+        Regulator(16, min_cos=1.0)
+    _, art = _artifact(tmp_path, psi_min_cos=0.5)  # the guard travels with the artifact
+    psi = load_artifact(art)[1]
+    assert psi.regs["text"].min_cos == 0.5 and load_artifact(art)[2]["regulator"]["min_cos"] == 0.5

@@ -36,7 +36,8 @@ def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], RegulatorS
     psi = None
     if meta.get("regulator"):
         r = meta["regulator"]
-        psi = RegulatorSet(r["widths"], rank=r["rank"], ctx_dim=r.get("ctx_dim", 0))
+        psi = RegulatorSet(r["widths"], rank=r["rank"], ctx_dim=r.get("ctx_dim", 0),
+                           min_cos=r.get("min_cos", -1.0))
         psi.load_state_dict({k[len("psi."):]: v for k, v in tensors.items() if k.startswith("psi.")})
         psi.eval()
         for p in psi.parameters():

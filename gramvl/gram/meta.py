@@ -55,6 +55,9 @@ class MetaConfig:
     pre_weight: float = 1.0  # weight of the query loss *before* adaptation (keeps θ* a usable prompt)
     use_regulator: bool = True
     rank: int = 32
+    # descent guard of ψ (regulator.py): cosine of ψ(g) to g at least this (-1: off). A ψ* meta-trained for one
+    # inner step can turn gradients almost orthogonal; a host applies it for hundreds of steps
+    psi_min_cos: float = -1.0
     grad_clip: float = 1.0
     # project every row of the text slots of θ onto norm <= this multiple of the backbone's mean token-embedding
     # norm after each outer step (0: off). Adam's outer steps otherwise inflate θ* (rows 4.5x a word's norm
@@ -203,7 +206,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     slots = host.slots()
     theta = {n: torch.nn.Parameter(slots[n].detach().clone()) for n in names}
     device = _device(host)
-    psi = RegulatorSet(_widths(host, names), rank=cfg.rank).to(device) if cfg.use_regulator else None
+    psi = RegulatorSet(_widths(host, names), rank=cfg.rank, min_cos=cfg.psi_min_cos).to(device) if cfg.use_regulator else None
     opt_t = torch.optim.Adam(theta.values(), lr=cfg.outer_lr_theta)
     opt_p = torch.optim.Adam(psi.parameters(), lr=cfg.outer_lr_phi) if psi is not None else None
     for p in host.parameters():

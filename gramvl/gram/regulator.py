@@ -7,6 +7,11 @@
 
 ψ is exactly the identity at init (U = 0 gives h = ĝ) and exactly norm-preserving per row: it can only
 turn gradient directions, so GRAM starts as MAML and the host's learning-rate recipe keeps its meaning.
+
+Optional descent guard (`min_cos` = κ > -1): a direction whose cosine to ĝ is below κ is turned back, in the
+plane of ĝ and itself, to cosine exactly κ. With κ > 0 every regulated step stays a descent direction of the
+loss it came from, so a host that applies ψ* for hundreds of steps still converges (a ψ* trained for one
+inner step may otherwise turn gradients nearly orthogonal, which stalls a long downstream run).
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ EPS = 1e-12
 class Regulator(nn.Module):
     """ψ for rows of width `dim`; `ctx_dim` > 0 enables the context-conditioned (structure-induced) form."""
 
-    def __init__(self, dim: int, rank: int = 32, ctx_dim: int = 0, gate_init: float = 4.0):
+    def __init__(self, dim: int, rank: int = 32, ctx_dim: int = 0, gate_init: float = 4.0,
+                 min_cos: float = -1.0):
         super().__init__()
-        self.dim, self.rank, self.ctx_dim = dim, rank, ctx_dim
+        if not -1.0 <= min_cos < 1.0:
+            raise ValueError(f"the regulator's min_cos must be in [-1, 1), not {min_cos}")
+        self.dim, self.rank, self.ctx_dim, self.min_cos = dim, rank, ctx_dim, float(min_cos)
         self.down = nn.Linear(dim, rank)
         self.up = nn.Linear(rank, dim, bias=False)
         nn.init.normal_(self.down.weight, std=dim ** -0.5)
@@ -53,9 +61,10 @@ class Regulator(nn.Module):
         h = unit + self.up(hidden)
         h = h / h.norm(dim=-1, keepdim=True).clamp_min(EPS)
         c = torch.sigmoid(gate_logit)
-        mixed = c * unit + (1 - c) * h
-        out = n * F.normalize(mixed, dim=-1, eps=EPS)
-        return out.reshape(shape)
+        mixed = F.normalize(c * unit + (1 - c) * h, dim=-1, eps=EPS)
+        if self.min_cos > -1.0:
+            mixed = guard_descent(mixed, unit, self.min_cos)
+        return (n * mixed).reshape(shape)
 
     @torch.no_grad()
     def diagnostics(self, g: torch.Tensor, ctx: torch.Tensor | None = None) -> dict:
@@ -67,6 +76,15 @@ class Regulator(nn.Module):
         return {"cos_to_identity_mean": float(cos.mean()), "cos_to_identity_min": float(cos.min()),
                 "norm_ratio_mean": float((b.norm(dim=-1) / a.norm(dim=-1).clamp_min(EPS)).mean()),
                 "gate": gate, "residual_norm": float(self.up.weight.norm())}
+
+
+def guard_descent(d: torch.Tensor, unit: torch.Tensor, kappa: float) -> torch.Tensor:
+    """Unit rows d with cosine to the unit rows `unit` below kappa, turned (towards `unit`, keeping their
+    perpendicular direction) to cosine exactly kappa; the other rows unchanged."""
+    cos = (d * unit).sum(-1, keepdim=True)
+    perp = F.normalize(d - cos * unit, dim=-1, eps=EPS)
+    turned = kappa * unit + (1.0 - kappa * kappa) ** 0.5 * perp
+    return torch.where(cos < kappa, turned, d)
 
 
 def modality_of(slot: str) -> str:
@@ -81,14 +99,16 @@ def modality_of(slot: str) -> str:
 class RegulatorSet(nn.Module):
     """One ψ per modality, applied to a slot's gradient by the slot's name."""
 
-    def __init__(self, widths: dict[str, int], rank: int = 32, ctx_dim: int = 0, gate_init: float = 4.0):
+    def __init__(self, widths: dict[str, int], rank: int = 32, ctx_dim: int = 0, gate_init: float = 4.0,
+                 min_cos: float = -1.0):
         super().__init__()
         self.widths = dict(widths)
-        self.regs = nn.ModuleDict({m: Regulator(w, rank, ctx_dim, gate_init) for m, w in widths.items()})
+        self.regs = nn.ModuleDict({m: Regulator(w, rank, ctx_dim, gate_init, min_cos) for m, w in widths.items()})
 
     def forward(self, slot: str, g: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
         return self.regs[modality_of(slot)](g, ctx)
 
     def config(self) -> dict:
         any_reg = next(iter(self.regs.values()))
-        return {"widths": self.widths, "rank": any_reg.rank, "ctx_dim": any_reg.ctx_dim}
+        return {"widths": self.widths, "rank": any_reg.rank, "ctx_dim": any_reg.ctx_dim,
+                "min_cos": any_reg.min_cos}
