@@ -168,3 +168,62 @@ for a in "firstorder meta.second_order=false" "noshift meta.shifted_weight=0"; d
     eval $P --name fewshot1_coop_gram_$1 --protocol fewshot --shots 1 --methods coop --gram-only --gram runs/gram3/coop_$1.safetensors
 done
 
+# ---- session 4 (same packaged small CLIP; 3-5 jobs at a time, one thread each) ----
+# visual hosts cross-dataset; CoCoOp DG and cross-dataset (records of the other methods are reused)
+eval $P3 --name xd_hosts --protocol xd --datasets $D7 --methods zeroshot coop kgcoop prograd cocoop vpt ivlp maple
+eval $P --name dg_hosts --protocol dg --methods zeroshot coop kgcoop prograd cocoop vpt ivlp maple
+# CoCoOp: lr on val (1 seed), then the test curve at lr x1/16 next to fewshot_cocoop (lr x1)
+OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --name tuning_cocoop --methods cocoop --mults 0.0625 0.25 1 \
+    --shots 1 4 16 --epoch-mult 0.5 --dataset emoji-nature
+eval $P --name fewshot_cocoop_lr16 --protocol fewshot --shots 1 2 4 8 16 --methods cocoop --gram-only --lr-control 0.0625
+# GRAM meta-training variants on val (runs/gram4), the winner became the default recipe
+V="OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --seeds 1 2 3 --datasets emoji-nature --eval-split val --runs runs/val"
+for v in "cap15_lr025 cmhc meta.theta_norm_cap=1.5 meta.inner_lr=0.25" \
+         "cap15_lr025_phi3 cmhc meta.theta_norm_cap=1.5 meta.inner_lr=0.25 meta.outer_lr_phi=0.001" \
+         "flat_guard07 flat meta.psi_min_cos=0.7"; do set -- $v; n=$1; h=$2; shift 2
+    OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --steps 600 --hierarchy $h --set "$@" --out runs/gram4/$n.safetensors
+    eval $V --name val_b2n_coop_$n --protocol base2new --methods coop --gram-only --gram runs/gram4/$n.safetensors
+    eval $V --name val_fewshot_coop_$n --protocol fewshot --shots 1 4 16 --methods coop --gram-only --gram runs/gram4/$n.safetensors
+done
+# the new default (= cap15_lr025_phi3; reproduced byte for byte by the plain command) is the shipped artifact
+OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --out runs/gram4/default_check.safetensors
+A=runs/gram4/cap15_lr025_phi3.safetensors
+eval $P --name base2new_coop_gram4 --protocol base2new --methods coop --gram-only --gram $A
+eval $P --name fewshot_coop_gram4_curve --protocol fewshot --shots 1 2 4 8 16 --methods coop --gram-only --gram $A
+G=gramvl/assets/gram_coop.safetensors
+eval $P3 --name fewshot1_coop_gram4_7ds --protocol fewshot --shots 1 --datasets $D7 --methods coop --gram-only --gram $G
+eval $P3 --name base2new_coop_gram4_4ds --protocol base2new --datasets emoji-nature emoji-animals emoji-food \
+    emoji-activities --methods coop --gram-only --gram $G
+eval $P --name base2new_coop_gram4_parts --protocol base2new --methods coop --gram-only --gram-parts init regulator --gram $G
+eval $P --name fewshot1_coop_gram4_parts --protocol fewshot --shots 1 --methods coop --gram-only --gram-parts init regulator --gram $G
+eval $P --name dg_coop_gram4 --protocol dg --methods coop --gram-only --gram $G
+eval $P3 --name xd_coop_gram4 --protocol xd --datasets $D7 --methods coop --gram-only --gram $G
+# the new recipe on CoOp M = 4 / CoCoOp and on VPT (first order, 12-minute budget)
+M4=runs/gram4/m4_cap15_lr025_phi3.safetensors
+OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --steps 600 --set 'meta.host_cfg={n_ctx: 4, ctx_init: "a photo of a"}' \
+    --out $M4
+eval $P --name fewshot1_coop4_gram4 --protocol fewshot --shots 1 --methods coop --gram-only --gram $M4 --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P --name base2new_coop4_gram4 --protocol base2new --methods coop --gram-only --gram $M4 --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P --name fewshot1_cocoop_gram4 --protocol fewshot --shots 1 --methods cocoop --gram-only --gram $M4
+OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host vpt --steps 300 --set meta.time_budget_s=720 meta.second_order=false \
+    --out runs/gram4/vpt_lr025_phi3.safetensors
+eval $P --name fewshot1_vpt_gram4 --protocol fewshot --shots 1 --methods vpt --gram-only --gram runs/gram4/vpt_lr025_phi3.safetensors
+eval $P --name base2new_vpt_gram4 --protocol base2new --methods vpt --gram-only --gram runs/gram4/vpt_lr025_phi3.safetensors
+# ablations: flat clustering / random tasks with the session-3 recipe (runs/gram4), and all four with the new default (runs/gram5)
+for h in flat random; do
+    OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --steps 600 --hierarchy $h \
+        --set meta.theta_norm_cap=0 meta.inner_lr=1.0 meta.outer_lr_phi=0.01 --out runs/gram4/coop_$h.safetensors
+    eval $P --name base2new_coop_gram_$h --protocol base2new --methods coop --gram-only --gram runs/gram4/coop_$h.safetensors
+    eval $P --name fewshot1_coop_gram_$h --protocol fewshot --shots 1 --methods coop --gram-only --gram runs/gram4/coop_$h.safetensors
+done
+for a in "flat --hierarchy flat" "random --hierarchy random" "noshift --no-shifted-query" "firstorder --first-order"; do set -- $a
+    OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop $2 $3 --out runs/gram5/coop_$1.safetensors
+    eval $P --name base2new_coop_gram5_$1 --protocol base2new --methods coop --gram-only --gram runs/gram5/coop_$1.safetensors
+    eval $P --name fewshot1_coop_gram5_$1 --protocol fewshot --shots 1 --methods coop --gram-only --gram runs/gram5/coop_$1.safetensors
+done
+# meta-learned contexts as zero-shot prompts
+OMP_NUM_THREADS=1 $PY benchmarks/theta_zeroshot.py --artifacts gramvl/assets/gram_coop.safetensors runs/gram3/coop_cap15.safetensors \
+    runs/gram2/coop_pw1.safetensors runs/gram4/m4_cap15_lr025_phi3.safetensors runs/gram2/coop_m4_pw1.safetensors
+# test-time prompt tuning on every embedded test set, 200 images each (per-(dataset, seed) records resume)
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --gram runs/gram2/coop_m4_pw1.safetensors \
+    --threads 1 --quiet --out docs/results
