@@ -293,7 +293,7 @@ def test_descent_guard_keeps_every_regulated_row_within_min_cos_of_the_gradient(
     assert torch.nn.functional.cosine_similarity(pf, pg, dim=-1).min() > 0.999
     out.sum().backward()  # differentiable, no NaN through the untaken branch
     assert all(torch.isfinite(p.grad).all() for p in guarded.parameters() if p.grad is not None)
-    with pytest.raises(ValueError, match="min_cos"):
+    with pytest.raises(GramvlError, match="min_cos"):
         Regulator(16, min_cos=1.0)
     _, art = _artifact(tmp_path, psi_min_cos=0.5)  # the guard travels with the artifact
     psi = load_artifact(art)[1]

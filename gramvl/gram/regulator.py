@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gramvl.errors import GramvlError
+
 EPS = 1e-12
 
 
@@ -30,7 +32,7 @@ class Regulator(nn.Module):
                  min_cos: float = -1.0):
         super().__init__()
         if not -1.0 <= min_cos < 1.0:
-            raise ValueError(f"the regulator's min_cos must be in [-1, 1), not {min_cos}")
+            raise GramvlError(f"the regulator's min_cos (meta.psi_min_cos) must be in [-1, 1), not {min_cos}")
         self.dim, self.rank, self.ctx_dim, self.min_cos = dim, rank, ctx_dim, float(min_cos)
         self.down = nn.Linear(dim, rank)
         self.up = nn.Linear(rank, dim, bias=False)
