@@ -227,3 +227,6 @@ OMP_NUM_THREADS=1 $PY benchmarks/theta_zeroshot.py --artifacts gramvl/assets/gra
 # test-time prompt tuning on every embedded test set, 200 images each (per-(dataset, seed) records resume)
 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --gram runs/gram2/coop_m4_pw1.safetensors \
     --threads 1 --quiet --out docs/results
+# CoCoOp + GRAM (new recipe, M = 4 artifact) base-to-new; TPT's lr on val for the small CLIP
+eval $P --name base2new_cocoop_gram4 --protocol base2new --methods cocoop --gram-only --gram $M4
+OMP_NUM_THREADS=1 $PY benchmarks/tpt_lr.py --lrs 0.005 0.05 0.2 0.5
