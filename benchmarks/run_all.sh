@@ -230,3 +230,7 @@ OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --gram r
 # CoCoOp + GRAM (new recipe, M = 4 artifact) base-to-new; TPT's lr on val for the small CLIP
 eval $P --name base2new_cocoop_gram4 --protocol base2new --methods cocoop --gram-only --gram $M4
 OMP_NUM_THREADS=1 $PY benchmarks/tpt_lr.py --lrs 0.005 0.05 0.2 0.5
+OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host maple --steps 300 --set meta.time_budget_s=600 meta.second_order=false \
+    --out runs/gram4/maple_lr025_phi3.safetensors
+eval $P --name fewshot1_maple_gram4 --protocol fewshot --shots 1 --methods maple --gram-only --gram runs/gram4/maple_lr025_phi3.safetensors
+eval $P --name base2new_maple_gram4 --protocol base2new --methods maple --gram-only --gram runs/gram4/maple_lr025_phi3.safetensors
