@@ -97,7 +97,7 @@ class OuterLoop:
         self.resumed = bool(resumed)
         self.rng = np.random.default_rng(cfg.seed + 7919 * self.start)
         self._elapsed = elapsed
-        self.t0 = time.time() - elapsed
+        self.t0 = 0.0  # set when the steps start: seconds already spent count
         self.seconds = elapsed
         self._stop = False
         self._bar = None
