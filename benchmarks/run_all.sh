@@ -234,3 +234,7 @@ OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host maple --steps 300 --set meta.t
     --out runs/gram4/maple_lr025_phi3.safetensors
 eval $P --name fewshot1_maple_gram4 --protocol fewshot --shots 1 --methods maple --gram-only --gram runs/gram4/maple_lr025_phi3.safetensors
 eval $P --name base2new_maple_gram4 --protocol base2new --methods maple --gram-only --gram runs/gram4/maple_lr025_phi3.safetensors
+OMP_NUM_THREADS=2 $PY -m gramvl meta-train --host ivlp --unigram --steps 300 --set meta.time_budget_s=540 meta.second_order=false \
+    --out runs/gram4/unigram_lr025_phi3.safetensors
+eval $P --name fewshot1_unigram_gram4 --protocol fewshot --shots 1 --methods ivlp --gram-only --gram runs/gram4/unigram_lr025_phi3.safetensors
+eval $P --name base2new_unigram_gram4 --protocol base2new --methods ivlp --gram-only --gram runs/gram4/unigram_lr025_phi3.safetensors
