@@ -206,7 +206,9 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     slots = host.slots()
     theta = {n: torch.nn.Parameter(slots[n].detach().clone()) for n in names}
     device = _device(host)
-    psi = RegulatorSet(_widths(host, names), rank=cfg.rank, min_cos=cfg.psi_min_cos).to(device) if cfg.use_regulator else None
+    psi = None
+    if cfg.use_regulator:
+        psi = RegulatorSet(_widths(host, names), rank=cfg.rank, min_cos=cfg.psi_min_cos).to(device)
     opt_t = torch.optim.Adam(theta.values(), lr=cfg.outer_lr_theta)
     opt_p = torch.optim.Adam(psi.parameters(), lr=cfg.outer_lr_phi) if psi is not None else None
     for p in host.parameters():
@@ -219,7 +221,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     cap = cfg.theta_norm_cap * token_norm(host.bb) if cfg.theta_norm_cap > 0 else None
     if cap is not None and loop.start == 0:
         cap_text_rows(theta, cap)
-    for _step in loop.steps():
+    for step in loop.steps():
         opt_t.zero_grad(set_to_none=True)
         if opt_p:
             opt_p.zero_grad(set_to_none=True)
@@ -261,7 +263,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
         if cap is not None:
             cap_text_rows(theta, cap)
         # rank 0's clock decides when the time budget is spent, so all ranks stop together
-        loop.end_step(_step, rec, save=dist.is_main(), sync=dist.broadcast_object if dist.active() else None,
+        loop.end_step(step, rec, save=dist.is_main(), sync=dist.broadcast_object if dist.active() else None,
                       loss=f"{rec['loss']:.3f}", post=f"{rec['post_acc']:.2f}")
     if not dist.is_main():
         dist.barrier()  # returns once rank 0 has written the artifact
