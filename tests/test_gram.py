@@ -246,7 +246,11 @@ def test_packaged_artifact_is_the_default_recipe_on_the_packaged_clip(small_pack
     assert meta["backbone"] == small_packaged.ident
     assert theta["text_ctx"].shape[-1] == small_packaged.text_width
     # made by `gramvl meta-train --host coop` with today's defaults (docs/method.md), all 600 steps
-    assert meta["config"] == json.loads(json.dumps(asdict(MetaConfig(host="coop")), default=str))
+    expected = json.loads(json.dumps(asdict(MetaConfig(host="coop")), default=str))
+    # options added after the artifact was made, whose default is "off" (the run behaved as they do now)
+    added_later = {"theta_anchor": 0.0}
+    assert {k: v for k, v in expected.items() if k not in meta["config"]} == added_later
+    assert meta["config"] == {k: v for k, v in expected.items() if k not in added_later}
     assert meta["steps_done"] == meta["config"]["steps"]
     # the default norm cap held: no row of θ* is longer than 1.5 x a word of this model
     assert theta["text_ctx"].norm(dim=-1).max() <= 1.5 * token_norm(small_packaged) * (1 + 1e-3)
@@ -268,6 +272,24 @@ def test_theta_norm_cap_projects_the_text_rows_after_every_outer_step(tmp_path, 
     m.cap_text_rows(rows, 1.0)
     assert torch.allclose(rows["text_ctx"], torch.tensor([[0.6, 0.8], [0.03, 0.04]]))  # short rows unchanged
     assert torch.equal(rows["vis_ctx"], torch.tensor([[3.0, 4.0]]))  # visual slots are not capped
+
+
+def test_theta_anchor_keeps_the_text_rows_near_the_initial_context(tmp_path, monkeypatch):
+    import gramvl.gram.meta as m
+
+    monkeypatch.setattr(m, "token_norm", lambda bb: 0.1)  # radius = 0.5 x 0.1
+    init = ToyHost().text_ctx.detach()
+    _, free = _artifact(tmp_path / "free", outer_lr_theta=0.5)
+    _, anchored = _artifact(tmp_path / "anchored", outer_lr_theta=0.5, theta_anchor=0.5)
+    d_free = (load_artifact(free)[0]["text_ctx"] - init).norm(dim=-1)
+    d_anch = (load_artifact(anchored)[0]["text_ctx"] - init).norm(dim=-1)
+    assert d_free.max() > 0.2  # without the anchor θ leaves the initial context
+    assert d_anch.max() <= 0.05 + 1e-6 and d_anch.max() > 0.045
+    rows = {"text_ctx": torch.tensor([[4.0, 5.0], [1.01, 1.0]])}
+    m.anchor_text_rows(rows, {"text_ctx": torch.ones(2, 2)}, 1.0)
+    assert torch.allclose(rows["text_ctx"], torch.tensor([[1.6, 1.8], [1.01, 1.0]]))  # near rows unchanged
+    with pytest.raises(GramvlError, match="theta_anchor"):
+        _artifact(tmp_path / "bad", theta_anchor=-1.0)
 
 
 def test_descent_guard_keeps_every_regulated_row_within_min_cos_of_the_gradient(tmp_path):

@@ -63,6 +63,10 @@ class MetaConfig:
     # norm after each outer step (0: off). Adam's outer steps otherwise inflate θ* (rows 4.5x a word's norm
     # after 600 steps), and CoOp's SGD at lr 2e-3 can then barely move away from it. Default since session 4.
     theta_norm_cap: float = 1.5
+    # keep every row of θ's text slots within this multiple of the mean token-embedding norm of the host's initial
+    # context (0: off). For word-initialised hosts ("a photo of a": CoOp M=4, CoCoOp, MaPLe, IVLP) θ* then stays a
+    # usable hand-written prompt while it learns; session 5, see docs/method.md
+    theta_anchor: float = 0.0
     time_budget_s: float = 0.0  # 0: no limit; otherwise stop (and save) after this many seconds
     checkpoint_every: int = 50
     seed: int = 0
@@ -165,6 +169,14 @@ def token_norm(bb) -> float:
 
 
 @torch.no_grad()
+def anchor_text_rows(theta: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], radius: float) -> None:
+    """Project each row of θ's text slots onto the ball of `radius` around the same row of `anchor`."""
+    for name, a in anchor.items():
+        d = theta[name] - a
+        theta[name].copy_(a + d * (radius / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+
+
+@torch.no_grad()
 def cap_text_rows(theta: dict[str, torch.Tensor], cap: float) -> None:
     """Rescale rows of θ's text slots whose norm exceeds `cap` onto norm `cap` (a projection)."""
     for name, p in theta.items():
@@ -221,6 +233,11 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     cap = cfg.theta_norm_cap * token_norm(host.bb) if cfg.theta_norm_cap > 0 else None
     if cap is not None and loop.start == 0:
         cap_text_rows(theta, cap)
+    # the anchor is the host's initial context (also on resume: host.slots() are never trained here)
+    anchor = {n: slots[n].detach().clone() for n in names if modality_of(n) == "text"}
+    radius = cfg.theta_anchor * token_norm(host.bb) if cfg.theta_anchor > 0 else None
+    if cfg.theta_anchor < 0:
+        raise GramvlError(f"meta.theta_anchor must be >= 0 (0: off), got {cfg.theta_anchor}")
     for step in loop.steps():
         opt_t.zero_grad(set_to_none=True)
         if opt_p:
@@ -262,6 +279,8 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
         outer_update(list(theta.values()), opt_t, psi, opt_p, cfg.grad_clip)
         if cap is not None:
             cap_text_rows(theta, cap)
+        if radius is not None:
+            anchor_text_rows(theta, anchor, radius)
         # rank 0's clock decides when the time budget is spent, so all ranks stop together
         loop.end_step(step, rec, save=dist.is_main(), sync=dist.broadcast_object if dist.active() else None,
                       loss=f"{rec['loss']:.3f}", post=f"{rec['post_acc']:.2f}")
