@@ -68,6 +68,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '', 'python', sys
     step meta_tta 180 $G meta-train --tta --device $DEV --steps 20 --out $O/smoke/meta_tta.safetensors
     step tta_structure 180 $G tta --method tpt --dataset $T --limit 100 --device $DEV \
         --gram $O/smoke/meta_tta.safetensors --json $O/smoke/tta_structure.json
+    pack
 fi
 
 if [[ $PARTS == *memory* ]]; then
@@ -79,8 +80,10 @@ if [[ $PARTS == *meta* ]]; then
     mkdir -p "$O/meta"
     step meta_vpt $((META_BUDGET + 60)) $G meta-train --host vpt --device $DEV --time-budget $META_BUDGET \
         --out $O/meta/vpt_so.safetensors
+    pack
     step meta_maple $((META_BUDGET + 60)) $G meta-train --host maple --device $DEV --time-budget $META_BUDGET \
         --out $O/meta/maple_so.safetensors
+    pack
     step meta_unigram $((META_BUDGET + 60)) $G meta-train --host ivlp --unigram --device $DEV \
         --time-budget $META_BUDGET --out $O/meta/unigram_so.safetensors
 fi
