@@ -135,10 +135,16 @@ class _TextTower:
         self.transformer = src.transformer
         self.ln_final = src.ln_final
         self.text_projection = src.text_projection
-        self.attn_mask = src.attn_mask
+        self._src = src
         self.pool_type = getattr(src, "text_pool_type", getattr(src, "pool_type", "argmax"))
         if self.pool_type not in ("argmax", "eos"):
             raise GramvlError(f"text pooling {self.pool_type!r} is not supported (need 'argmax' or 'eos')")
+
+    @property
+    def attn_mask(self) -> torch.Tensor | None:
+        # read from the model every time: `.to(device)` replaces buffers with new tensors (a copy taken here
+        # stayed on the CPU when the model moved to a GPU; session 5's H100 check)
+        return self._src.attn_mask
 
 
 def _run_blocks(transformer: nn.Module, x: torch.Tensor, attn_mask, replace) -> torch.Tensor:

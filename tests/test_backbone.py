@@ -156,3 +156,31 @@ def test_packaged_small_clip_is_a_trained_vit_with_its_sidecar(small_packaged):
     hist = bb.meta["pretrain"]["state"]["history"]
     assert hist and bb.meta["pretrain"]["state"]["best_step"] > 0
     assert float(bb.logit_scale) > 14.3  # learned above CLIP's initial 1/0.07
+
+
+def test_text_encoding_reads_the_models_current_buffers():
+    """`.to(device)` replaces buffers (the causal mask) with new tensors, and the encoders must read the new ones:
+    a copy of the mask taken at load stayed on the CPU when the model moved to a GPU (session 5's H100 check;
+    deep text prompts failed there). Simulated on the CPU: every tensor of the model is replaced by a clone
+    and the old mask is poisoned."""
+    from gramvl.backbone import Backbone, build_small_clip, small_tokenizer
+    from gramvl.pretrain import PretrainConfig, _sidecar
+
+    cfg = _sidecar(PretrainConfig(), {})
+    torch.manual_seed(0)
+    bb = Backbone(build_small_clip(cfg), small_tokenizer(cfg), "gramvl-small:random", meta=cfg)
+    cp = bb.class_prompts(NAMES, 4)
+    ctx = bb.token_embeddings("a photo of a")
+    deep = [ctx + 0.01, ctx - 0.01]
+    with torch.no_grad():
+        ref = bb.prompted_text_features(cp, ctx)
+        ref_deep = bb.prompted_text_features(cp, ctx, deep=deep)
+    old = bb._text.attn_mask
+    assert old is not None
+    bb.model._apply(lambda t: t.clone())  # what a device move does to buffers
+    old.fill_(float("nan"))
+    assert bb._text.attn_mask is not old
+    with torch.no_grad():
+        out = bb.prompted_text_features(cp, ctx)
+        out_deep = bb.prompted_text_features(cp, ctx, deep=deep)
+    assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(out_deep, ref_deep, atol=1e-6)

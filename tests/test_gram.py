@@ -208,6 +208,16 @@ def test_attach_changes_exactly_the_slot_gradients(tmp_path):
     assert hosted.frozen_weight.grad is None
 
 
+def test_attach_puts_the_regulator_where_the_slots_are(tmp_path):
+    # ψ* loads on the CPU; a host on a GPU failed in its first backward (session 5's H100 check). The "meta"
+    # device stands in for the GPU here.
+    _, out = _artifact(tmp_path)
+    h = ToyHost().to("meta")
+    info = attach(h, out)
+    assert info["regulated"] == ["text_ctx"]
+    assert {p.device.type for p in h._gram_regulator.parameters()} == {"meta"}
+
+
 def test_attach_parts_init_only_and_regulator_only(tmp_path):
     _, out = _artifact(tmp_path)
     theta, _, _ = load_artifact(out)

@@ -75,7 +75,7 @@ def attach(host: PromptLearner, artifact: str | Path, parts: str = "both") -> di
                 slot.copy_(src)
             done["init"].append(name)
         if parts in ("both", "regulator") and psi is not None:
-            reg = psi.regs[modality_of(name)]
+            reg = psi.regs[modality_of(name)].to(slot.device)  # ψ* loads on the CPU; the slot may be on a GPU
             # ψ is nonlinear: under torchrun it must see the gradient summed over ranks, not this rank's share
             dist.add_gradient_hook(slot, lambda g, reg=reg: reg(g).to(g.dtype))
             done["regulated"].append(name)
