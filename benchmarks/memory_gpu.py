@@ -165,7 +165,7 @@ def label(r: dict) -> str:
     return what, text
 
 
-def render(records: list[dict], out: Path, argv: str, seconds: float) -> None:
+def render(records: list[dict], out: Path, argv: str, seconds: float, note: str = "") -> None:
     from gramvl.engine.results import markdown_table
     from gramvl.io import write_json, write_text
 
@@ -188,9 +188,9 @@ def render(records: list[dict], out: Path, argv: str, seconds: float) -> None:
           "(resident memory) is memory.md.\n\n"
           + markdown_table(["host / step", "classes", "batch", "text encoding", "precision", "step GB",
                             "peak GB", "step ms", "finite grads"], rows)
-          + f"\n\nTarget (issue 3): 1000-class prompt tuning under 12 GB on a GPU.\n\n"
+          + f"\n\nTarget (issue 3): 1000-class prompt tuning under 12 GB on a GPU.\n\n{note + chr(10) * 2 if note else ''}"
           f"Command: `python benchmarks/memory_gpu.py {argv}` ({seconds:.0f} s).\n")
-    write_json(out / "memory_gpu.json", {"results": records, "seconds": seconds, "argv": argv})
+    write_json(out / "memory_gpu.json", {"results": records, "seconds": seconds, "argv": argv, "note": note})
     write_text(out / "memory_gpu.md", md)
 
 
@@ -202,11 +202,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only as a dry run of the harness (no memory)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds for all configurations")
     ap.add_argument("--render", default=None, help="rebuild the table from this JSON only")
+    ap.add_argument("--note", default=None, help="with --render: a paragraph under the table")
     args = ap.parse_args()
     out = Path(args.out)
     if args.render:
         d = json.loads(Path(args.render).read_text())
-        render(d["results"], out, d["argv"], d["seconds"])
+        render(d["results"], out, d["argv"], d["seconds"], args.note if args.note is not None else d.get("note", ""))
         return
     t0 = time.time()
     todo, records = configs(args.classes, args.repeats, args.device), []
