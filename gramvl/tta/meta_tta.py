@@ -174,7 +174,8 @@ class ViewFeatureCache:
         """View features [len(idx), V, D] (float32, L2-normalized) of corpus images idx."""
         idx = np.asarray(idx, dtype=np.int64)
         self.fill(idx)
-        return F.normalize(torch.from_numpy(np.asarray(self.feats[idx], dtype=np.float32)), dim=-1)
+        feats = torch.from_numpy(np.asarray(self.feats[idx], dtype=np.float32)).to(self.bb.device)
+        return F.normalize(feats, dim=-1)
 
 
 # ======================================================================================= the loop
@@ -207,6 +208,7 @@ def tta_query_loss(bb: Backbone, classnames: list[str], theta: torch.Tensor, fea
     Second order runs attention in its plain (math) form: the fused CPU kernels have no double backward.
     """
     cp = bb.class_prompts(classnames, int(theta.shape[0]))
+    labels = labels.to(feats.device)
     with _double_backward_attention(create_graph):
         ctx, pre = tta_adapt(bb, cp, theta, feats, cfg, psi, create_graph)
         post = bb.logit_scale.detach() * torch.einsum("bd,bcd->bc", feats[:, 0],
@@ -249,7 +251,7 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
     theta = torch.nn.Parameter(_init_theta(bb, cfg))
     psi_set = RegulatorSet({"text": bb.text_width}, rank=cfg.rank,
                            ctx_dim=context.dim if context is not None else 0) if cfg.use_regulator else None
-    psi = StructuredRegulator(psi_set.regs["text"], context) if psi_set is not None else None
+    psi = StructuredRegulator(psi_set.regs["text"], context).to(bb.device) if psi_set is not None else None
     opt_t = torch.optim.Adam([theta], lr=cfg.outer_lr_theta)
     opt_p = torch.optim.Adam(psi_set.parameters(), lr=cfg.outer_lr_phi) if psi_set is not None else None
     loop = OuterLoop(cfg, ckpt, {"text_ctx": theta}, psi_set, "meta-train tta", progress)
