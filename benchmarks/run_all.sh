@@ -238,3 +238,29 @@ OMP_NUM_THREADS=2 $PY -m gramvl meta-train --host ivlp --unigram --steps 300 --s
     --out runs/gram4/unigram_lr025_phi3.safetensors
 eval $P --name fewshot1_unigram_gram4 --protocol fewshot --shots 1 --methods ivlp --gram-only --gram runs/gram4/unigram_lr025_phi3.safetensors
 eval $P --name base2new_unigram_gram4 --protocol base2new --methods ivlp --gram-only --gram runs/gram4/unigram_lr025_phi3.safetensors
+
+# ---- session 5 (same packaged small CLIP; 2-3 jobs at a time, one thread each; one H100 lent for 15 minutes) ----
+# IVLP lr x0.95 control (UNIGRAM's missing control)
+eval $P --name base2new_ivlp_ctrl --protocol base2new --methods ivlp --gram-only --lr-control 0.95
+eval $P --name fewshot1_ivlp_ctrl --protocol fewshot --shots 1 --methods ivlp --gram-only --lr-control 0.95
+# GPU checks (on the lent H100; see docs/gpu.md): smoke of every CLI path, 1000-class GPU memory, second-order
+# meta-training of the visual hosts; the smoke part also ran on this CPU for the side-by-side table
+#   (device) bash benchmarks/device_check.sh smoke memory meta
+DEV=cpu O=runs/device-cpu PY=$PY OMP_NUM_THREADS=2 GRAMVL_HOME=/tmp/cpuhome bash benchmarks/device_check.sh smoke
+$PY benchmarks/device_compare.py --cpu runs/device-cpu --gpu runs/device-h100 --out docs/results
+$PY benchmarks/memory_gpu.py --render runs/device-h100/memory/memory_gpu.json --out docs/results   # the note under the table is kept in the JSON
+# VPT + GRAM from the H100's second-order artifact (136 meta-steps, 55 s)
+eval $P --name fewshot1_vpt_gram6_so --protocol fewshot --shots 1 --methods vpt --gram-only --gram runs/gram6/vpt_so.safetensors
+eval $P --name base2new_vpt_gram6_so --protocol base2new --methods vpt --gram-only --gram runs/gram6/vpt_so.safetensors
+# θ anchored to "a photo of a" for word-initialised hosts (meta.theta_anchor), on val
+for r in 0.5 1.0; do n=anchor$(echo $r | tr -d .)
+    OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --steps 600 --set 'meta.host_cfg={n_ctx: 4, ctx_init: "a photo of a"}' \
+        meta.theta_anchor=$r --out runs/gram6/m4_$n.safetensors
+done
+for a in runs/gram4/m4_cap15_lr025_phi3 runs/gram6/m4_anchor05 runs/gram6/m4_anchor10; do n=$(basename $a); n=${n/m4_cap15_lr025_phi3/m4old}; n=${n#m4_}
+    eval $V --name val_b2n_coop4_$n --protocol base2new --methods coop --gram $a.safetensors --set n_ctx=4 "'ctx_init=a photo of a'"
+    eval $V --name val_fewshot_coop4_$n --protocol fewshot --shots 1 4 --methods coop --gram $a.safetensors --set n_ctx=4 "'ctx_init=a photo of a'"
+done
+# every host on base-to-new over four datasets
+eval $P3 --name base2new_hosts_4ds --protocol base2new --datasets emoji-nature emoji-animals emoji-food emoji-activities \
+    --methods zeroshot coop kgcoop prograd cocoop vpt ivlp maple
