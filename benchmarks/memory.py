@@ -28,50 +28,27 @@ RAM_MB = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
 CHILD = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(2)
+sys.path.insert(0, sys.argv[2])  # benchmarks/: memsteps
 from gramvl.backbone import load_backbone
 from gramvl.prompts import build_host
+from memsteps import gram_meta_step, use_peer_text_encoding
 cfg = json.loads(sys.argv[1])
 classes, chunk, ckpt, naive = cfg["classes"], cfg["chunk"], cfg["checkpoint"], cfg["naive_77_tokens"]
 bb = load_backbone("ViT-B-16", allow_random=True)
 names = [f"object category number {i}" for i in range(classes)]
 host = build_host("coop", bb, names, {"n_ctx": 16, "text_chunk": chunk, "checkpoint_text": ckpt})
 if naive:  # what the peers do: the full 77-token sequence for every class, one pass (no packing)
-    bb._pack_plan = lambda *a, **k: None
-    def full_len(x, eot, pos, deep):
-        t = bb._text
-        x = x + t.positional_embedding.to(x.dtype)
-        from gramvl.backbone import _run_blocks
-        x = _run_blocks(t.transformer, x, t.attn_mask, None)
-        x = t.ln_final(x)[torch.arange(x.shape[0]), eot]
-        return x @ t.text_projection
-    bb._text_forward = full_len
+    use_peer_text_encoding(bb)
 g = torch.Generator().manual_seed(0)
 def batch():
     f = torch.nn.functional.normalize(torch.randn(32, bb.embed_dim, generator=g), dim=-1)
     return {"features": f}, torch.randint(0, classes, (32,), generator=g)
 if cfg["mode"] == "meta":
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from gramvl.gram.meta import inner_adapt, meta_slots, slot_paths, task_loss
-    from gramvl.gram.regulator import RegulatorSet
-    for p in host.parameters():
-        p.requires_grad_(False)
-    slots = meta_slots(host, False)
-    paths = slot_paths(host, slots)
-    theta = {n: torch.nn.Parameter(host.slots()[n].detach().clone()) for n in slots}
-    psi = RegulatorSet({"text": bb.text_width}, rank=32)
-    (sup, ys), (qry, yq), (sh, ysh) = batch(), batch(), batch()
-    shift_names = [f"other thing number {i}" for i in range(classes)]
+    meta_step = gram_meta_step(host, batch, [f"other thing number {i}" for i in range(classes)], cfg["second_order"])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.time()
 if cfg["mode"] == "meta":
-    with sdpa_kernel([SDPBackend.MATH]):  # double backward through attention (as meta_train does)
-        host.set_classnames(names)
-        adapted = inner_adapt(host, theta, psi, sup, ys, paths, 1, 1.0, cfg["second_order"])
-        lq, _ = task_loss(host, adapted, qry, yq, paths)
-        host.set_classnames(shift_names)
-        lsh, _ = task_loss(host, adapted, sh, ysh, paths)
-        (lq + lsh).backward()
-    grad = theta["text_ctx"].grad
+    grad, psi = meta_step()
     extra = {"psi_grad_norm": float(sum(p.grad.norm() ** 2 for p in psi.parameters() if p.grad is not None) ** 0.5)}
 else:
     f, y = batch()
@@ -142,7 +119,7 @@ def main() -> None:
                                 f"{RAM_MB / 1024:.0f} GB RAM"}
             print(merged[key(cfg)], flush=True)
             continue
-        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(ROOT / "benchmarks")], capture_output=True, text=True,
                              timeout=3600)
         if out.returncode != 0:
             raise SystemExit(out.stderr[-2000:])

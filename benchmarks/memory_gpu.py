@@ -27,8 +27,10 @@ from pathlib import Path
 
 CHILD = r"""
 import gc, json, statistics, sys, time, torch
+sys.path.insert(0, sys.argv[2])  # benchmarks/: memsteps
 from gramvl.backbone import load_backbone
 from gramvl.prompts import build_host
+from memsteps import gram_meta_step, restore_text_encoding, use_peer_text_encoding
 todo = json.loads(sys.argv[1])
 dev = todo[0].get("device", "cuda")
 cuda = dev.startswith("cuda")
@@ -37,16 +39,6 @@ allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
 bb = load_backbone("ViT-B-16", allow_random=True, device=dev)
 for p in bb.model.parameters():
     p.requires_grad_(False)
-plain = (bb._pack_plan, bb._text_forward)
-
-def naive_text(x, eot, pos, deep):  # the peers' text encoding: the full 77-token sequence per class, one pass
-    from gramvl.backbone import _run_blocks
-    t = bb._text
-    x = x + t.positional_embedding.to(x.dtype)
-    x = _run_blocks(t.transformer, x, t.attn_mask, None)
-    x = t.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
-    return x @ t.text_projection
-
 def run(cfg):
     classes, host_name = cfg["classes"], cfg["host"]
     names = [f"object category number {i}" for i in range(classes)]
@@ -54,8 +46,7 @@ def run(cfg):
     if host_name == "coop":
         over["n_ctx"] = 16
     host = build_host(host_name, bb, names, over).to(dev)
-    if cfg["naive_77_tokens"]:
-        bb._pack_plan, bb._text_forward = (lambda *a, **k: None), naive_text
+    plain = use_peer_text_encoding(bb) if cfg["naive_77_tokens"] else None
     g = torch.Generator().manual_seed(0)
 
     def batch():
@@ -73,29 +64,11 @@ def run(cfg):
         return torch.autocast(kind, enabled=False)
 
     if cfg["mode"] == "meta":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from gramvl.gram.meta import inner_adapt, meta_slots, slot_paths, task_loss
-        from gramvl.gram.regulator import RegulatorSet
-        for p in host.parameters():
-            p.requires_grad_(False)
-        slots = meta_slots(host, False)
-        paths = slot_paths(host, slots)
-        theta = {n: torch.nn.Parameter(host.slots()[n].detach().clone()) for n in slots}
-        psi = RegulatorSet({"text": bb.text_width}, rank=32).to(dev)
-        (sup, ys), (qry, yq), (sh, ysh) = batch(), batch(), batch()
-        shift_names = [f"other thing number {i}" for i in range(classes)]
+        meta_step = gram_meta_step(host, batch, [f"other thing number {i}" for i in range(classes)],
+                                   cfg["second_order"], amp)
 
         def step():
-            for t in theta.values():
-                t.grad = None
-            with sdpa_kernel([SDPBackend.MATH]), amp():  # double backward through attention, as meta_train does
-                host.set_classnames(names)
-                adapted = inner_adapt(host, theta, psi, sup, ys, paths, 1, 1.0, cfg["second_order"])
-                lq, _ = task_loss(host, adapted, qry, yq, paths)
-                host.set_classnames(shift_names)
-                lsh, _ = task_loss(host, adapted, sh, ysh, paths)
-                (lq + lsh).backward()
-            return theta["text_ctx"].grad
+            return meta_step()[0]
     else:
         data = batch()
 
@@ -120,7 +93,8 @@ def run(cfg):
            "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0, "step_s": statistics.median(times),
            "grad_finite": bool(torch.isfinite(grad.float()).all()), "grad_norm": float(grad.float().norm()),
            "gpu": torch.cuda.get_device_name() if cuda else "cpu (dry run)", "torch": torch.__version__}
-    bb._pack_plan, bb._text_forward = plain
+    if plain is not None:
+        restore_text_encoding(bb, plain)
     return out
 
 for cfg in todo:
@@ -213,7 +187,7 @@ def main() -> None:
     todo, records = configs(args.classes, args.repeats, args.device), []
     while todo:  # one process runs the configurations in turn (one model); after a crash the rest go on
         try:
-            p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(todo)], capture_output=True, text=True,
+            p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(todo), str(Path(__file__).resolve().parent)], capture_output=True, text=True,
                                timeout=args.timeout)
             stdout, err = p.stdout, (p.stderr[-1500:] or f"exit {p.returncode}") if p.returncode else None
         except subprocess.TimeoutExpired as e:
