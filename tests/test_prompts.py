@@ -312,3 +312,15 @@ def test_coop_random_init_std_is_configurable(small_random_backbone):
     assert default.std().item() == pytest.approx(0.02, rel=0.15)
     assert wide.std().item() == pytest.approx(0.2, rel=0.15)
     assert torch.allclose(wide, default * 10, atol=1e-6)  # the same seeded draw, scaled
+
+
+def test_trainer_precision_is_checked_and_gpu_only_precision_on_the_cpu_warns(small_random_backbone):
+    from gramvl.engine.train import Trainer
+    from gramvl.prompts import HOSTS, build_host
+
+    host = build_host("coop", small_random_backbone, ["cat", "dog"])
+    recipe = HOSTS["coop"].recipe_for(1)
+    with pytest.warns(UserWarning, match="GPU only; this run on cpu is fp32"):
+        Trainer(host, recipe, seed=1, device="cpu", precision="bf16", progress=False)
+    with pytest.raises(GramvlError, match="unknown precision 'bf15'"):
+        Trainer(host, recipe, seed=1, precision="bf15", progress=False)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -106,6 +107,11 @@ class Trainer:
         self.host, self.recipe, self.seed = host, recipe, seed
         self.ckpt = Path(ckpt) if ckpt else None
         self.device, self.precision, self.progress = device, precision, progress
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise GramvlError(f"unknown precision {precision!r}: use fp32, bf16 or fp16")
+        if precision != "fp32" and not str(device).startswith("cuda"):
+            warnings.warn(f"--precision {precision} applies on a GPU only; this run on {device} is fp32",
+                          stacklevel=2)
         self.identity = identity or {}
         self.history: list[dict] = []
 
