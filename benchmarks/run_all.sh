@@ -264,3 +264,29 @@ done
 # every host on base-to-new over four datasets
 eval $P3 --name base2new_hosts_4ds --protocol base2new --datasets emoji-nature emoji-animals emoji-food emoji-activities \
     --methods zeroshot coop kgcoop prograd cocoop vpt ivlp maple
+# the anchored θ on test for the word-initialised hosts (MaPLe and IVLP + UNIGRAM meta-trained again with it)
+A5=runs/gram6/m4_anchor05.safetensors
+eval $P --name fewshot1_coop4_gram6_anchor05 --protocol fewshot --shots 1 --methods coop --gram-only --gram $A5 --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P --name base2new_coop4_gram6_anchor05 --protocol base2new --methods coop --gram-only --gram $A5 --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P --name fewshot1_cocoop_gram6_anchor05 --protocol fewshot --shots 1 --methods cocoop --gram-only --gram $A5
+eval $P --name base2new_cocoop_gram6_anchor05 --protocol base2new --methods cocoop --gram-only --gram $A5
+eval $P3 --name fewshot1_coop4_gram6_anchor05_7ds --protocol fewshot --shots 1 --datasets $D7 --methods coop --gram-only --gram $A5 \
+    --set n_ctx=4 "'ctx_init=a photo of a'"
+OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host maple --steps 300 --set meta.time_budget_s=600 meta.second_order=false \
+    meta.theta_anchor=0.5 --out runs/gram6/maple_anchor05.safetensors
+eval $P --name fewshot1_maple_gram6_anchor05 --protocol fewshot --shots 1 --methods maple --gram-only --gram runs/gram6/maple_anchor05.safetensors
+eval $P --name base2new_maple_gram6_anchor05 --protocol base2new --methods maple --gram-only --gram runs/gram6/maple_anchor05.safetensors
+OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host ivlp --unigram --steps 300 --set meta.time_budget_s=540 meta.second_order=false \
+    meta.theta_anchor=0.5 --out runs/gram6/unigram_anchor05.safetensors
+eval $P --name fewshot1_unigram_gram6_anchor05 --protocol fewshot --shots 1 --methods ivlp --gram-only --gram runs/gram6/unigram_anchor05.safetensors
+eval $P --name base2new_unigram_gram6_anchor05 --protocol base2new --methods ivlp --gram-only --gram runs/gram6/unigram_anchor05.safetensors
+# every host at 1 shot over the seven colour sets
+eval $P3 --name fewshot1_hosts_7ds --protocol fewshot --shots 1 --datasets $D7 --methods zeroshot kgcoop prograd vpt ivlp maple cocoop
+# few-shot curves 2-16 with GRAM for the other hosts (anchored artifacts for word-initialised hosts), and CoOp M = 4
+F="--protocol fewshot --shots 2 4 8 16 --gram-only"
+eval $P --name fewshot_coop4_curve --protocol fewshot --shots 2 4 8 16 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P --name fewshot_coop4_gram6_curve $F --methods coop --gram $A5 --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P --name fewshot_cocoop_gram6_curve $F --methods cocoop --gram $A5
+eval $P --name fewshot_vpt_gram4_curve $F --methods vpt --gram runs/gram4/vpt_lr025_phi3.safetensors
+eval $P --name fewshot_maple_gram6_curve $F --methods maple --gram runs/gram6/maple_anchor05.safetensors
+eval $P --name fewshot_unigram_gram6_curve $F --methods ivlp --gram runs/gram6/unigram_anchor05.safetensors
