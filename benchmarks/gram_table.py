@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gramvl.engine.results import markdown_table
+from gramvl.engine.results import command_line, markdown_table
 from gramvl.io import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +83,7 @@ def main() -> None:
                                                 for k, x in v.items()) + "\n")
     if args.note:
         lines.append("\n" + args.note + "\n")
-    cmd = "python benchmarks/gram_table.py " + " ".join(
-        a if " " not in a else f"'{a}'" for a in __import__("sys").argv[1:])
+    cmd = command_line()
     lines.append(f"\nCommand: `{cmd}`\n")
     out = ROOT / "docs" / "results"
     write_json(out / f"{args.name}.json", {"name": args.name, "rows": rows, "headers": headers,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gramvl.backbone import load_backbone
-from gramvl.engine.results import markdown_table, versions
+from gramvl.engine.results import command_line, markdown_table, versions
 from gramvl.io import write_json, write_text
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -93,7 +93,7 @@ def main() -> None:
                          r["batch"], f"{v['openclip_s']:.3f}", f"{v['gramvl_s']:.3f}", f"**{v['speedup']:.2f}x**",
                          f"{v['max_abs_diff']:.1e}"])
     load = " ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
-    cmd = "python benchmarks/image_tower.py " + " ".join(__import__("sys").argv[1:])
+    cmd = command_line()
     record = {"runs": runs, "threads": args.threads, "rounds": args.rounds, "command": cmd,
               "load_average_end": load, "versions": versions(), "seconds": time.time() - t0}
     write_json(OUT / f"{args.name}.json", record)

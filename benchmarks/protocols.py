@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from gramvl.backbone import load_backbone
 from gramvl.engine.protocols import ProtocolConfig, run_protocol
-from gramvl.engine.results import markdown_table, versions
+from gramvl.engine.results import command_line, markdown_table, versions
 from gramvl.engine.train import TrainConfig, resolved_recipe
 from gramvl.io import write_json, write_text
 from gramvl.prompts import HOSTS
@@ -107,8 +107,7 @@ def main() -> None:
     per_ds = {}
     for label, r in results.items():
         per_ds[label] = r["summary"]["per_dataset"]
-    cmd = "python benchmarks/protocols.py " + " ".join(
-        a if " " not in a else f"'{a}'" for a in __import__("sys").argv[1:])
+    cmd = command_line()
     record = {"name": args.name, "protocol": args.protocol, "command": cmd, "model": bb.ident,
               "seeds": args.seeds, "datasets": args.datasets, "results": {k: v["summary"] for k, v in results.items()},
               "versions": versions(), "seconds": time.time() - t0}

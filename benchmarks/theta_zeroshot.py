@@ -17,7 +17,7 @@ import numpy as np
 
 from gramvl.backbone import load_backbone
 from gramvl.data.registry import get_dataset
-from gramvl.engine.results import markdown_table, versions
+from gramvl.engine.results import command_line, markdown_table, versions
 from gramvl.engine.train import evaluate
 from gramvl.gram.attach import attach, load_artifact
 from gramvl.io import write_json, write_text
@@ -73,9 +73,7 @@ def main() -> None:
           "(for CoOp the prompt `[ctx] <class>.`), accuracy % on the full split. This is the init a host starts "
           "from at 1 shot.\n\n",
           markdown_table(["context", *sets, "mean"], rows),
-          f"\nCommand: `python benchmarks/theta_zeroshot.py --host {args.host} --artifacts "
-          f"{' '.join(args.artifacts)} --datasets {' '.join(args.datasets)} --name {args.name}`; "
-          f"{time.time() - t0:.0f} s.\n"]
+          f"\nCommand: `{command_line()}`; {time.time() - t0:.0f} s.\n"]
     write_text(ROOT / "docs" / "results" / f"{args.name}.md", "".join(md))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from gramvl.backbone import load_backbone
 from gramvl.data.registry import get_dataset
-from gramvl.engine.results import markdown_table, versions
+from gramvl.engine.results import command_line, markdown_table, versions
 from gramvl.io import write_json, write_text
 from gramvl.tta.tpt import TPT, TPTConfig, hand_init, run_tta_many
 
@@ -66,9 +66,7 @@ def main() -> None:
           "views; one AdamW step on the 'a photo of a' context, 10% most confident views. Accuracy %, mean ± std "
           "over seeds; in brackets the share of images whose prediction differs from zero-shot.\n\n",
           markdown_table(["dataset", "zero-shot", *[f"TPT lr {lr:g}" for lr in args.lrs]], rows),
-          f"\nCommand: `python benchmarks/tpt_lr.py --datasets {' '.join(args.datasets)} --lrs "
-          f"{' '.join(f'{lr:g}' for lr in args.lrs)} --seeds {' '.join(map(str, args.seeds))} --limit {args.limit} "
-          f"--split {args.split} --name {args.name}`; {time.time() - t0:.0f} s.\n"]
+          f"\nCommand: `{command_line()}`; {time.time() - t0:.0f} s.\n"]
     write_text(ROOT / "docs" / "results" / f"{args.name}.md", "".join(md))
 
 

@@ -22,7 +22,7 @@ import torch
 
 from gramvl.backbone import load_backbone
 from gramvl.data.registry import get_dataset
-from gramvl.engine.results import markdown_table, versions
+from gramvl.engine.results import command_line, markdown_table, versions
 from gramvl.io import write_json, write_text
 from gramvl.tta.tpt import TPT, TPTConfig, gram_init, hand_init, run_tta_many
 
@@ -179,8 +179,7 @@ def main() -> None:
         summary["latency_ms"][m] = {"mean": float(np.mean(lat)), "min": float(np.min(lat)),
                                     "max": float(np.max(lat))}
     seconds = time.time() - t0
-    cmd = "python benchmarks/tta.py " + " ".join(
-        a if " " not in a else f"'{a}'" for a in __import__("sys").argv[1:])
+    cmd = command_line()
     record = {"model": bb.ident, "describe": bb.describe(), "seeds": args.seeds, "limit": args.limit,
               "n_views": args.n_views, "batch_images": args.batch_images, "threads": args.threads,
               "tta_artifact": {"path": str(tta_path), "seconds_here": round(meta_seconds, 1),

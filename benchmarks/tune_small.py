@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gramvl.backbone import load_backbone
 from gramvl.engine.protocols import ProtocolConfig, run_protocol
-from gramvl.engine.results import markdown_table, versions
+from gramvl.engine.results import command_line, markdown_table, versions
 from gramvl.engine.train import TrainConfig, resolved_recipe
 from gramvl.io import write_json, write_text
 from gramvl.prompts import HOSTS
@@ -58,9 +58,7 @@ def main() -> None:
           f"Few-shot ({', '.join(map(str, args.shots))} shots, seed {args.seed}) on `{args.dataset}`, accuracy on its **val** split. "
           f"Epochs = paper epochs x {args.epoch_mult} (2-core budget). Model `{bb.ident}`.\n\n",
           markdown_table(["method", "shots", "lr multiplier", "lr", "epochs", "val accuracy %"], rows),
-          f"\nCommand: `python benchmarks/tune_small.py --name {args.name} --methods {' '.join(args.methods)} "
-          f"--mults {' '.join(f'{m:g}' for m in args.mults)} --shots {' '.join(map(str, args.shots))} "
-          f"--epoch-mult {args.epoch_mult:g} --dataset {args.dataset}`; {time.time() - t0:.0f} s.\n"]
+          f"\nCommand: `{command_line()}`; {time.time() - t0:.0f} s.\n"]
     write_text(ROOT / "docs" / "results" / f"{args.name}.md", "".join(md))
 
 

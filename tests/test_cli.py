@@ -96,3 +96,12 @@ def test_train_then_eval_round_trip_on_a_folder_dataset(tmp_path, capsys, small_
                        "--dataset", f"folder:{root}", "--json", str(tmp_path / "e.json"))
     assert code == 0, err
     assert json.loads((tmp_path / "e.json").read_text())["metrics"]["accuracy"] == rec["metrics"]["accuracy"]
+
+
+def test_command_line_of_a_benchmark_quotes_what_the_shell_would_split(tmp_path, monkeypatch):
+    from gramvl.engine.results import command_line
+
+    assert command_line(["benchmarks/x.py", "--set", "ctx_init=a photo of a", "n_ctx=4"]) == (
+        "python benchmarks/x.py --set 'ctx_init=a photo of a' n_ctx=4")
+    monkeypatch.chdir(tmp_path)
+    assert command_line([str(tmp_path / "benchmarks" / "y.py"), "--name", "z"]) == "python benchmarks/y.py --name z"

@@ -10,6 +10,22 @@ from pathlib import Path
 from gramvl.io import write_json
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that ran this script as a user would retype it (`python benchmarks/x.py ARGS`, each argument
+    shell-quoted): the footer of every benchmark table and the `command` of its JSON record."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0])
+    if script.is_absolute():
+        try:
+            script = script.relative_to(Path.cwd())
+        except ValueError:
+            pass
+    return "python " + shlex.join([script.as_posix(), *argv[1:]])
+
+
 def versions() -> dict:
     import open_clip
     import torch
