@@ -210,6 +210,8 @@ def meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatche
 
 def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatches, out: str | Path,
                 extra_meta: dict | None, progress: bool) -> Path:
+    if cfg.theta_anchor < 0:
+        raise GramvlError(f"meta.theta_anchor must be >= 0 (0: off), got {cfg.theta_anchor}")
     out = Path(out)
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
     torch.manual_seed(cfg.seed)
@@ -236,8 +238,6 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     # the anchor is the host's initial context (also on resume: host.slots() are never trained here)
     anchor = {n: slots[n].detach().clone() for n in names if modality_of(n) == "text"}
     radius = cfg.theta_anchor * token_norm(host.bb) if cfg.theta_anchor > 0 else None
-    if cfg.theta_anchor < 0:
-        raise GramvlError(f"meta.theta_anchor must be >= 0 (0: off), got {cfg.theta_anchor}")
     for step in loop.steps():
         opt_t.zero_grad(set_to_none=True)
         if opt_p:
