@@ -36,9 +36,7 @@ dev = todo[0].get("device", "cuda")
 cuda = dev.startswith("cuda")
 sync = torch.cuda.synchronize if cuda else (lambda: None)
 allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
-bb = load_backbone("ViT-B-16", allow_random=True, device=dev)
-for p in bb.model.parameters():
-    p.requires_grad_(False)
+bb = load_backbone("ViT-B-16", allow_random=True, device=dev)  # frozen by Backbone
 def run(cfg):
     classes, host_name = cfg["classes"], cfg["host"]
     names = [f"object category number {i}" for i in range(classes)]
