@@ -61,6 +61,8 @@ class PackPlan:
     eot: torch.Tensor  # [C] flat index (pack * P + offset) of each class's end-of-text token
     padded: int  # tokens the padded encoding runs (C x cut length)
     packed: int  # tokens the packed encoding runs (G x P)
+    rows: torch.Tensor  # [G, R] offsets of the end-of-text tokens in each pack (padded by repeating one)
+    eot_row: torch.Tensor  # [C] flat index (pack * R + row) of each class's end-of-text token in `rows`
 
 
 def pack_plan(tokens: torch.Tensor, eot: torch.Tensor, shared_until: int | None = None,
@@ -98,6 +100,9 @@ def pack_plan(tokens: torch.Tensor, eot: torch.Tensor, shared_until: int | None 
     pos = torch.zeros(G, P, dtype=torch.long)
     seg = torch.full((G, P), -2, dtype=torch.long)  # -1 prefix, c class c, -2 padding
     eot_flat = torch.zeros(C, dtype=torch.long)
+    R = max(len(g) for g in groups)
+    rows = torch.zeros(G, R, dtype=torch.long)
+    eot_row = torch.zeros(C, dtype=torch.long)
     for g, members in enumerate(groups):
         src[g, :k] = torch.arange(k)
         pos[g, :k] = torch.arange(k)
@@ -109,7 +114,11 @@ def pack_plan(tokens: torch.Tensor, eot: torch.Tensor, shared_until: int | None 
             pos[g, o:o + n] = torch.arange(k, ends[c])
             seg[g, o:o + n] = c
             eot_flat[c] = g * P + o + n - 1
+            r = members.index(c)
+            rows[g, r] = o + n - 1
+            eot_row[c] = g * R + r
             o += n
+        rows[g, len(members):] = rows[g, len(members) - 1]
         if o < P:  # padding repeats the last position; it only sees itself and the prefix
             pos[g, o:] = pos[g, o - 1]
             seg[g, o:] = torch.arange(-3, -3 - (P - o), -1)
@@ -117,7 +126,7 @@ def pack_plan(tokens: torch.Tensor, eot: torch.Tensor, shared_until: int | None 
     causal = i.view(1, P, 1) >= i.view(1, 1, P)
     allowed = causal & ((seg.unsqueeze(1) == seg.unsqueeze(2)) | (seg == -1).unsqueeze(1))
     mask = torch.zeros(G, P, P).masked_fill(~allowed, float("-inf"))
-    return PackPlan(k, src, pos, mask, eot_flat, C * int(max(ends)), G * P)
+    return PackPlan(k, src, pos, mask, eot_flat, C * int(max(ends)), G * P, rows, eot_row)
 
 
 class _TextTower:
@@ -147,21 +156,29 @@ class _TextTower:
         return self._src.attn_mask
 
 
-def _run_blocks(transformer: nn.Module, x: torch.Tensor, attn_mask, replace) -> torch.Tensor:
+def _run_blocks(transformer: nn.Module, x: torch.Tensor, attn_mask, replace,
+                last_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Run transformer blocks on batch-first x; `replace(i, x)` may rewrite prompt positions before block i.
 
     Unmasked plain blocks (image towers) run through `_block_sdpa`: the same operations as the module's
-    forward, about 15% faster on CPU (no MultiheadAttention layout copies)."""
+    forward, about 15% faster on CPU (no MultiheadAttention layout copies). `last_rows` [N, R]: the caller
+    reads only these positions of the output, so an unmasked plain last block computes only them
+    (`_block_sdpa_rows`); the result is then [N, R, d]."""
     batch_first = getattr(transformer, "batch_first", True)
-    for i, block in enumerate(transformer.resblocks):
+    blocks = transformer.resblocks
+    for i, block in enumerate(blocks):
         if replace is not None and i > 0:
             x = replace(i, x)
+        if last_rows is not None and i == len(blocks) - 1 and attn_mask is None and _plain_block(block):
+            return _block_sdpa_rows(block, x, None, last_rows)
         if attn_mask is None and _plain_block(block):
             x = _block_sdpa(block, x, None)
         elif not batch_first:
             x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
         else:
             x = block(x, attn_mask=attn_mask)
+    if last_rows is not None:
+        x = x.gather(1, last_rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return x
 
 
@@ -181,6 +198,30 @@ def _run_blocks_seq_first(transformer: nn.Module, x: torch.Tensor, attn_mask: to
         for a, f in zip(attns, flags, strict=True):
             a.batch_first = f
     return x.transpose(0, 1)
+
+
+def _block_sdpa_rows(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
+                     rows: torch.Tensor) -> torch.Tensor:
+    """`_block_sdpa(block, x, mask)[n, rows[n]]` [N, R, d], computing only what those rows need: keys and
+    values at every position, but queries, attention output, output projection and MLP at the R rows.
+    A tower's last block feeds its pooled feature from one token per sequence (text: end-of-text; image:
+    class token), so this is exact there and skips most of that block's work."""
+    attn = block.attn
+    N, L, d = x.shape
+    R = rows.shape[1]
+    H = attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    h = block.ln_1(x)
+    k, v = F.linear(h, w[d:], b[d:]).view(N, L, 2, H, d // H).permute(2, 0, 3, 1, 4).unbind(0)
+    take = rows.unsqueeze(-1).expand(N, R, d)
+    xr = x.gather(1, take)
+    q = F.linear(h.gather(1, take), w[:d], b[:d]).view(N, R, H, d // H).transpose(1, 2)
+    m = None
+    if mask is not None:  # [N or 1, 1, L, L] -> the rows' lines [N, 1, R, L]
+        m = mask.expand(N, 1, L, L).gather(2, rows.view(N, 1, R, 1).expand(N, 1, R, L)).to(q.dtype)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    xr = xr + block.ls_1(attn.out_proj(o.transpose(1, 2).reshape(N, R, d)))
+    return xr + block.ls_2(block.mlp(block.ln_2(xr)))
 
 
 def _plain_block(block: nn.Module) -> bool:
@@ -235,6 +276,8 @@ class Backbone(nn.Module):
                             and not getattr(v, "output_tokens", False)
                             and not getattr(v.transformer, "grad_checkpointing", False)
                             and all(_plain_block(b) for b in v.transformer.resblocks))
+        self._cls_pool = (self._direct_vit and getattr(v, "attn_pool", None) is None
+                          and getattr(v, "pool_type", None) == "tok")
         size = getattr(v, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.sot_id = int(tokenizer.sot_token_id)
@@ -368,7 +411,8 @@ class Backbone(nn.Module):
                 else:
                     dev = self.device
                     plan = PackPlan(plan.prefix, plan.src.to(dev), plan.pos.to(dev),
-                                    plan.mask.to(dev, self.dtype), plan.eot.to(dev), plan.padded, plan.packed)
+                                    plan.mask.to(dev, self.dtype), plan.eot.to(dev), plan.padded, plan.packed,
+                                    plan.rows.to(dev), plan.eot_row.to(dev))
             cache[pack_tokens] = plan
         return cache[pack_tokens]
 
@@ -398,13 +442,15 @@ class Backbone(nn.Module):
 
         def run(h: torch.Tensor, first: int) -> torch.Tensor:
             g = torch.arange(first, first + h.shape[0], device=h.device) % G  # pack of each row
-            if direct:
-                mask = (plan.mask if h.shape[0] == G and first % G == 0 else plan.mask[g]).unsqueeze(1)
-                for b in blocks:
+            if direct:  # the last block runs at the end-of-text rows only
+                whole = h.shape[0] == G and first % G == 0
+                mask = (plan.mask if whole else plan.mask[g]).unsqueeze(1)
+                for b in blocks[:-1]:
                     h = _block_sdpa(b, h, mask)
-                return t.ln_final(h)
+                return t.ln_final(_block_sdpa_rows(blocks[-1], h, mask, plan.rows if whole else plan.rows[g]))
             mask = plan.mask.to(h.dtype)[g].repeat_interleave(heads, 0)  # [rows * heads, P, P]
-            return t.ln_final(_run_blocks_seq_first(t.transformer, h, mask))
+            h = _run_blocks_seq_first(t.transformer, h, mask)
+            return t.ln_final(h.gather(1, plan.rows[g].unsqueeze(-1).expand(-1, -1, d)))
 
         step = max(1, chunk_size * G // C) if chunk_size else x.shape[0]  # about chunk_size classes per chunk
         outs = []
@@ -412,7 +458,7 @@ class Backbone(nn.Module):
             h = x[s:s + step]
             outs.append(grad_checkpoint(run, h, s, use_reentrant=False) if checkpoint and torch.is_grad_enabled()
                         else run(h, s))
-        h = torch.cat(outs).reshape(-1, G * P, d)[:, plan.eot]  # [N, C, d]
+        h = torch.cat(outs).reshape(-1, G * plan.rows.shape[1], d)[:, plan.eot_row]  # [N, C, d]
         proj = t.text_projection
         if proj is not None:
             h = proj(h) if isinstance(proj, nn.Linear) else h @ proj
@@ -510,8 +556,11 @@ class Backbone(nn.Module):
                 d = d.expand(B, *d.shape[-2:]) if d.dim() == 2 else d
                 return torch.cat([h[:, :n_tok], d.to(h.dtype)], dim=1)
 
-        x = _run_blocks(v.transformer, x, None, replace)
-        x = x[:, : x.shape[1] - M]
+        if self._cls_pool:  # the pooled feature reads the class token only: the last block computes just it
+            x = _run_blocks(v.transformer, x, None, replace, last_rows=x.new_zeros(B, 1, dtype=torch.long))
+        else:
+            x = _run_blocks(v.transformer, x, None, replace)
+            x = x[:, : x.shape[1] - M]
         pooled, _ = v._pool(x)
         if v.proj is not None:
             pooled = pooled @ v.proj

@@ -184,3 +184,44 @@ def test_text_encoding_reads_the_models_current_buffers():
         out = bb.prompted_text_features(cp, ctx)
         out_deep = bb.prompted_text_features(cp, ctx, deep=deep)
     assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(out_deep, ref_deep, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_last_block_at_pooled_rows_equals_the_full_block(small_random_backbone, masked):
+    from gramvl.backbone import _block_sdpa, _block_sdpa_rows
+
+    block = small_random_backbone._text.transformer.resblocks[-1]
+    g = torch.Generator().manual_seed(0)
+    N, L, d = 3, 9, small_random_backbone.text_width
+    x = torch.randn(N, L, d, generator=g, requires_grad=True)
+    mask = None
+    if masked:
+        mask = torch.full((L, L), float("-inf")).triu(1).view(1, 1, L, L)
+    rows = torch.tensor([[8, 2], [0, 0], [5, 7]])
+    full = _block_sdpa(block, x, mask)
+    want = full.gather(1, rows.unsqueeze(-1).expand(-1, -1, d))
+    got = _block_sdpa_rows(block, x, mask, rows)
+    assert torch.allclose(got, want, atol=1e-5)
+    w = torch.randn(got.shape, generator=g)
+    (ga,) = torch.autograd.grad((want * w).sum(), x)
+    (gb,) = torch.autograd.grad((got * w).sum(), x)
+    assert torch.allclose(ga, gb, atol=1e-5)
+
+
+def test_class_token_only_last_block_keeps_prompted_image_features(vit_b16):
+    bb = vit_b16
+    assert bb._cls_pool
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, bb.image_size, bb.image_size, generator=g)
+    prompts = (torch.randn(2, bb.vision_width, generator=g) * 0.02).requires_grad_(True)
+    deep = [(torch.randn(2, bb.vision_width, generator=g) * 0.02).requires_grad_(True)]
+    fast = bb.encode_image(images, prompts=prompts, deep=deep)
+    bb._cls_pool = False
+    try:
+        slow = bb.encode_image(images, prompts=prompts, deep=deep)
+    finally:
+        bb._cls_pool = True
+    assert torch.allclose(fast, slow, atol=1e-5)
+    ga = torch.autograd.grad(fast.sum(), [prompts, *deep])
+    gb = torch.autograd.grad(slow.sum(), [prompts, *deep])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ga, gb, strict=True))

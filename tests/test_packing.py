@@ -60,3 +60,15 @@ def test_pack_plan_masks_other_classes_and_keeps_every_token_once():
         g, o = divmod(int(plan.eot[c]), P)
         seen = {int(plan.src[g, j]) // 6 for j in range(P) if flat_mask[g * P + o, j] == 0 and j >= plan.prefix}
         assert seen == {c}  # the end-of-text token of class c sees the prefix and class c only
+
+
+def test_pack_plan_rows_point_at_each_classes_end_of_text():
+    tokens = torch.tensor([[1, 7, 7, 5, 2, 0], [1, 7, 7, 6, 6, 2], [1, 7, 7, 9, 2, 0], [1, 7, 7, 8, 2, 0]])
+    eot = torch.tensor([4, 5, 4, 4])
+    plan = pack_plan(tokens, eot, pack_tokens=6)
+    G, P = plan.pos.shape
+    R = plan.rows.shape[1]
+    assert G > 1 and R > 1
+    for c in range(4):
+        g, r = divmod(int(plan.eot_row[c]), R)
+        assert g * P + int(plan.rows[g, r]) == int(plan.eot[c])
