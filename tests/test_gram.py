@@ -208,6 +208,36 @@ def test_attach_changes_exactly_the_slot_gradients(tmp_path):
     assert hosted.frozen_weight.grad is None
 
 
+def test_artifact_keeps_the_host_extras_theta_was_learned_with_and_attach_restores_them(tmp_path):
+    # the toy's `mix` (trainable, not a slot) plays MaPLe's coupling maps: a host built with another seed
+    # has other values, and θ* only means what it meant in meta-training together with the stored ones
+    _, out = _artifact(tmp_path)
+    meta = load_artifact(out)[2]
+    assert meta["host_extras"] == {"mix": [10, 6]}
+    stored = ToyHost().mix.detach().clone()
+    other = ToyHost()
+    with torch.no_grad():
+        other.mix.add_(1.0)
+    info = attach(other, out, parts="regulator")
+    assert "extras" not in info and not torch.allclose(other.mix, stored)
+    info = attach(other, out)
+    assert info["extras"] == ["mix"] and torch.equal(other.mix.detach(), stored)
+    assert other.mix.requires_grad  # still the host's to train
+    with pytest.raises(GramvlError, match="host parameter mix"):
+        attach(ToyHost(dim=7), out)
+
+
+def test_maple_extras_are_its_coupling_maps(small_random_backbone):
+    from gramvl.gram.meta import host_extras
+    from gramvl.prompts import build_host
+
+    a = host_extras(build_host("maple", small_random_backbone, ["cat", "dog"], {"seed": 1}))
+    b = host_extras(build_host("maple", small_random_backbone, ["cat", "dog"], {"seed": 2}))
+    assert a and all(n.startswith("coupling.") for n in a)
+    assert any(not torch.equal(a[n], b[n]) for n in a)  # per-seed maps: what the artifact must pin
+    assert not host_extras(build_host("coop", small_random_backbone, ["cat", "dog"]))
+
+
 def test_attach_puts_the_regulator_where_the_slots_are(tmp_path):
     # ψ* loads on the CPU; a host on a GPU failed in its first backward (session 5's H100 check). The "meta"
     # device stands in for the GPU here.

@@ -45,6 +45,13 @@ def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], RegulatorS
     return theta, psi, meta
 
 
+def load_host_extras(path: str | Path) -> dict[str, torch.Tensor]:
+    """The meta-training host's non-slot parameters stored in an artifact (`gramvl.gram.meta.host_extras`),
+    by parameter path; empty for hosts without any and for artifacts written before gramvl stored them."""
+    tensors, _ = load_tensors(resolve_artifact(path))
+    return {k[len("host."):]: v for k, v in tensors.items() if k.startswith("host.")}
+
+
 def attach(host: PromptLearner, artifact: str | Path, parts: str = "both") -> dict:
     """Initialize the host's slots from θ* and/or hook ψ* onto their gradients; returns what was done."""
     if parts not in PARTS:
@@ -79,5 +86,17 @@ def attach(host: PromptLearner, artifact: str | Path, parts: str = "both") -> di
             # ψ is nonlinear: under torchrun it must see the gradient summed over ranks, not this rank's share
             dist.add_gradient_hook(slot, lambda g, reg=reg: reg(g).to(g.dtype))
             done["regulated"].append(name)
+    if parts in ("both", "init"):  # the maps θ* was meta-learned with (MaPLe's coupling, CoCoOp's meta-net)
+        own = dict(host.named_parameters())
+        done["extras"] = []
+        for name, src in load_host_extras(artifact).items():
+            if name not in own or own[name].shape != src.shape:
+                got = tuple(own[name].shape) if name in own else "absent"
+                raise GramvlError(f"GRAM artifact {artifact} holds host parameter {name} of shape "
+                                  f"{tuple(src.shape)}; host {host.name} has {got}: meta-train with this host "
+                                  f"configuration")
+            with torch.no_grad():
+                own[name].copy_(src)
+            done["extras"].append(name)
     host._gram_regulator = psi  # keep ψ alive with the host
     return done

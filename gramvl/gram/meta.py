@@ -129,6 +129,15 @@ def meta_slots(host: PromptLearner, unigram: bool) -> list[str]:
     return text or vis
 
 
+def host_extras(host: PromptLearner) -> dict[str, torch.Tensor]:
+    """The host's own trainable parameters that are not prompt slots (MaPLe's coupling maps, CoCoOp's
+    meta-net), by parameter path. Meta-training keeps them fixed at the meta-training host's initial values,
+    so θ* was learned with exactly these: the artifact stores them and `attach` restores them (a host built
+    with another seed would otherwise pair θ* with different, random maps)."""
+    slot_ids = {id(p) for p in host.slots().values()}
+    return {n: p.detach().clone() for n, p in host.named_parameters() if p.requires_grad and id(p) not in slot_ids}
+
+
 # ----------------------------------------------------------------------------------------- the loop
 def task_loss(host: PromptLearner, params: dict[str, torch.Tensor], batch: dict, labels: torch.Tensor,
               paths: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +234,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
         psi = RegulatorSet(_widths(host, names), rank=cfg.rank, min_cos=cfg.psi_min_cos).to(device)
     opt_t = torch.optim.Adam(theta.values(), lr=cfg.outer_lr_theta)
     opt_p = torch.optim.Adam(psi.parameters(), lr=cfg.outer_lr_phi) if psi is not None else None
+    extras = host_extras(host)
     for p in host.parameters():
         p.requires_grad_(False)
     loop = OuterLoop(cfg, ckpt, theta, psi, f"meta-train {host.name}", progress and dist.is_main())
@@ -293,7 +303,11 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
                "backbone": host.bb.ident, "slots": {n: list(theta[n].shape) for n in names},
                "regulator": psi.config() if psi is not None else None, **loop.summary(),
                "psi_diagnostics": diag, **(extra_meta or {})}
-    save_tensors(out, slot_tensors(theta, psi), sidecar)
+    tensors = slot_tensors(theta, psi)
+    if extras:
+        sidecar["host_extras"] = {n: list(v.shape) for n, v in extras.items()}
+        tensors.update({f"host.{n}": v for n, v in extras.items()})
+    save_tensors(out, tensors, sidecar)
     write_json(out.with_name(out.stem + ".history.json"), loop.history)
     dist.barrier()
     return out
