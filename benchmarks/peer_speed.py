@@ -586,12 +586,22 @@ SPEED_MD_TRAIN_NOTES = """
   end-of-text token, and packed text encoding: the prompt prefix all classes share ([SOT] + context; for
   CoCoOp one per image) is encoded once per sequence of ~25 classes instead of once per class (exact under
   the causal mask; `gramvl.backbone.pack_plan`). CoCoOp also runs one batched text pass per step instead of
-  a Python loop over the batch.
-- Why the small CLIP's CoOp ratio stays under 10x: the official step's largest cost on ViT-B/16 (the image
+  a Python loop over the batch. Since session 6 (commit 4536f65) the last block of each tower computes
+  queries, attention output and MLP only at the rows its pooled feature reads (text: end-of-text; image:
+  class token), keys and values still at every position (exact; `gramvl.backbone._block_sdpa_rows`).
+  Measured on one thread, same process, same losses: CoOp step 32.0 -> 25.9 ms (1.24x), CoCoOp (batch 4)
+  124 -> 86 ms, VPT (batch 32) 259 -> 204 ms.
+- The small CLIP is the hard case for the ratio: the official step's largest cost on ViT-B/16 (the image
   encoder on 32 images at 224 px, and 77-token text sequences) is small on the small CLIP (32 px images,
   32-token context), and our step is bound by tiny matrices (width 128): a profile of our CoOp step there
-  shows matrix products 44%, masked attention 25%, GELU backward 11%, with about 384 packed text tokens
-  left per step (76 classes). With ViT-B/16 the ratio is 30x.
+  (before the last-block change) showed matrix products 44%, masked attention 25%, GELU backward 11%, with
+  about 384 packed text tokens left per step (76 classes). Before the last-block change three runs gave
+  7.7-9.1x; the two runs after it 10.6x (small4.json, 3 rounds: 9.6 / 10.0 / 12.4x) and 10.9x (small5.json,
+  5 rounds: 12.5 / 9.9 / 9.0 / 10.7 / 12.9x, load average 4 on the 2 cores). With ViT-B/16 the ratio is 30x.
+- Tried in session 6 and dropped: encoding the shared prefix once for all packs, with each pack's tokens
+  attending to its keys (exact; shorter attention and no prefix copies). In one process against the
+  packed encoding it was no faster (0.92-1.12x by pack size; 0.72x in a first version whose attention
+  gathered every class into its own padded row).
 """
 SPEED_MD_TPT_NOTES = """
 - **ours**: `gramvl.tta.run_tta` (the `gramvl tta --method tpt` path: batches of 8 test images, each with
