@@ -324,3 +324,39 @@ def test_trainer_precision_is_checked_and_gpu_only_precision_on_the_cpu_warns(sm
         Trainer(host, recipe, seed=1, device="cpu", precision="bf16", progress=False)
     with pytest.raises(GramvlError, match="unknown precision 'bf15'"):
         Trainer(host, recipe, seed=1, precision="bf15", progress=False)
+
+
+@pytest.mark.parametrize("method", ["coop", "prograd"])
+def test_fp16_loss_scaling_gives_the_unscaled_step_and_skips_overflowing_ones(small_random_backbone, tmp_path,
+                                                                             method):
+    # the GPU fp16 path's GradScaler, exercised on the CPU: a power-of-two scale leaves the fp32 update
+    # unchanged, and a scale that overflows the loss skips the step (parameters untouched) and is lowered
+    from PIL import Image
+
+    from gramvl.data.base import ImageDataset
+    from gramvl.engine.train import Trainer
+    from gramvl.prompts.base import Recipe
+
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (16, 16), (40 * i, 255 - 30 * i, 90)).save(p)
+        paths.append((str(p), i % 2))
+    ds = ImageDataset("toy", "train", ["cat", "dog"], paths)
+    recipe = Recipe(epochs=1, lr=0.5, batch_size=6, train_views=1, warmup_epochs=0)
+
+    def run(scale):
+        host = build_host(method, small_random_backbone, ["cat", "dog"], {"n_ctx": 4, "ctx_init": ""})
+        start = host.text_ctx.detach().clone()
+        tr = Trainer(host, recipe, seed=1, progress=False)
+        if scale is not None:
+            tr._scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        tr.fit(ds)
+        return start, host.text_ctx.detach().clone(), tr
+
+    start, plain, _ = run(None)
+    assert not torch.equal(start, plain)
+    _, scaled, _ = run(2.0 ** 12)
+    assert torch.allclose(scaled, plain, atol=1e-6)
+    start, over, tr = run(2.0 ** 127)  # loss x 2^127 overflows fp32: inf gradients
+    assert torch.equal(over, start) and tr._scaler.get_scale() < 2.0 ** 127

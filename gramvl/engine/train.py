@@ -114,6 +114,21 @@ class Trainer:
                           stacklevel=2)
         self.identity = identity or {}
         self.history: list[dict] = []
+        self._scaler = self._make_scaler()
+
+    def _make_scaler(self):
+        """fp16 on a GPU: dynamic loss scaling (gradients that underflow fp16 are kept; a step whose
+        gradients overflow is skipped and the scale lowered). bf16 and fp32 need none."""
+        if self.device.startswith("cuda") and self.precision == "fp16":
+            return torch.amp.GradScaler("cuda")
+        return None
+
+    def _step(self, opt: torch.optim.Optimizer) -> None:
+        if self._scaler is None:
+            opt.step()
+        else:
+            self._scaler.step(opt)  # unscales, skips the step on inf/nan gradients
+            self._scaler.update()
 
     def _autocast(self):
         if self.device.startswith("cuda") and self.precision in ("bf16", "fp16"):
@@ -172,10 +187,10 @@ class Trainer:
         self.history = meta.get("history", [])
         return int(meta["epoch"])
 
-    def _backward(self, batch: dict, y: torch.Tensor) -> torch.Tensor:
+    def _backward(self, batch: dict, y: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """host.backward on this rank's slice of the global batch; returns the global batch's loss."""
         if not dist.active():
-            return self.host.backward(batch, y)
+            return self.host.backward(batch, y, scale)
         n = len(y)
         s, e = dist.shard(n)
         weight = (e - s) / n
@@ -183,7 +198,7 @@ class Trainer:
             s, e = 0, 1
         part = {k: v[s:e] for k, v in batch.items()}
         with dist.reducing_gradients(weight):
-            loss = self.host.backward(part, y[s:e])
+            loss = self.host.backward(part, y[s:e], scale)
         return dist.all_reduce_sum(loss.detach().float() * weight)
 
     def fit(self, train_ds: ImageDataset, on_epoch: Callable | None = None) -> dict:
@@ -220,9 +235,10 @@ class Trainer:
                 for gr in opt.param_groups:
                     gr["lr"] = lr
                 opt.zero_grad(set_to_none=True)
+                scale = None if self._scaler is None else self._scaler.scale(torch.ones((), device=params[0].device))
                 with self._autocast():
-                    loss = self._backward(batch, y)
-                opt.step()
+                    loss = self._backward(batch, y, scale)
+                self._step(opt)
                 tot += float(loss)
                 cnt += 1
                 steps += 1

@@ -103,10 +103,11 @@ class PromptLearner(nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> torch.Tensor:
         return F.cross_entropy(logits, labels)
 
-    def backward(self, batch: dict, labels: torch.Tensor) -> torch.Tensor:
-        """Compute gradients of the training loss into .grad; returns the loss (ProGrad overrides)."""
+    def backward(self, batch: dict, labels: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute gradients of the training loss times `scale` (fp16 loss scaling) into .grad; returns the
+        unscaled loss (ProGrad overrides)."""
         loss = self.loss(self.logits(batch), labels, batch)
-        loss.backward()
+        (loss if scale is None else loss * scale).backward()
         return loss.detach()
 
     # ---- helpers ---------------------------------------------------------------------------------

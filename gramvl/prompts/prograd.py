@@ -47,14 +47,16 @@ class ProGrad(CoOp):
     def default_config(cls, bb: Backbone) -> HostConfig:
         return HostConfig(n_ctx=16, ctx_init="a photo of a", prograd_lambda=1.0, prograd_T=1.0)
 
-    def backward(self, batch: dict, labels: torch.Tensor) -> torch.Tensor:
-        """Accumulate the ProGrad gradient into .grad; returns the CE loss."""
+    def backward(self, batch: dict, labels: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Accumulate the ProGrad gradient (times `scale`, fp16 loss scaling) into .grad; returns the CE loss.
+        Both gradients carry the scale; the projection is unchanged by it (degree 0 in the KL gradient)."""
         params = self.trainable_parameters()
         logits = self.logits(batch)
         ce = F.cross_entropy(logits, labels)
         kl = distill_kl(logits, self.zeroshot_logits(batch), self.cfg.prograd_T)
-        g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
-        g_kl = torch.autograd.grad(kl, params, allow_unused=True)
+        s = 1.0 if scale is None else scale
+        g_ce = torch.autograd.grad(ce * s, params, retain_graph=True, allow_unused=True)
+        g_kl = torch.autograd.grad(kl * s, params, allow_unused=True)
         conflicts = 0
         for p, gc, gk in zip(params, g_ce, g_kl, strict=True):
             if gc is None:
