@@ -301,3 +301,30 @@ D3="--datasets emoji-nature emoji-animals emoji-activities"
 OMP_NUM_THREADS=1 $PY benchmarks/theta_zeroshot.py --host vpt --artifacts runs/gram4/vpt_lr025_phi3.safetensors runs/gram6/vpt_so.safetensors $D3 --name theta_zeroshot_vpt
 OMP_NUM_THREADS=1 $PY benchmarks/theta_zeroshot.py --host maple --artifacts runs/gram4/maple_lr025_phi3.safetensors runs/gram6/maple_anchor05.safetensors $D3 --name theta_zeroshot_maple
 OMP_NUM_THREADS=1 $PY benchmarks/theta_zeroshot.py --host ivlp --artifacts runs/gram4/unigram_lr025_phi3.safetensors runs/gram6/unigram_anchor05.safetensors $D3 --name theta_zeroshot_ivlp
+
+# ---- session 6 (same packaged small CLIP; 2-4 jobs at a time, one thread each; no GPU lent) ----
+# the parts session 5 stopped: MaPLe in base2new_hosts_4ds, CoCoOp in fewshot1_hosts_7ds, the MaPLe and UNIGRAM
+# curves (the same commands reuse the records already written)
+eval $P3 --name base2new_hosts_4ds --protocol base2new --datasets emoji-nature emoji-animals emoji-food emoji-activities \
+    --methods zeroshot coop kgcoop prograd cocoop vpt ivlp maple
+eval $P3 --name fewshot1_hosts_7ds --protocol fewshot --shots 1 --datasets $D7 --methods zeroshot kgcoop prograd cocoop vpt ivlp maple
+eval $P --name fewshot_maple_gram6_curve $F --methods maple --gram runs/gram6/maple_anchor05.safetensors
+eval $P --name fewshot_unigram_gram6_curve $F --methods ivlp --gram runs/gram6/unigram_anchor05.safetensors
+# MaPLe + GRAM with the meta-training host's coupling maps pinned (artifacts now store host extras; this adds
+# them to the session-5 artifact by rebuilding the meta-training host)
+$PY benchmarks/artifact_extras.py runs/gram6/maple_anchor05.safetensors runs/gram6/maple_anchor05x.safetensors
+eval $P --name fewshot1_maple_gram6x_anchor05 --protocol fewshot --shots 1 --methods maple --gram-only --gram runs/gram6/maple_anchor05x.safetensors
+eval $P --name base2new_maple_gram6x_anchor05 --protocol base2new --methods maple --gram-only --gram runs/gram6/maple_anchor05x.safetensors
+# cross-dataset and DG with GRAM for the other hosts
+for h in "cocoop runs/gram6/m4_anchor05 cocoop_gram6" "vpt runs/gram4/vpt_lr025_phi3 vpt_gram4" \
+         "ivlp runs/gram6/unigram_anchor05 unigram_gram6" "maple runs/gram6/maple_anchor05 maple_gram6"; do set -- $h
+    eval $P --name dg_$3 --protocol dg --methods $1 --gram-only --gram $2.safetensors
+    eval $P3 --name xd_$3 --protocol xd --datasets $D7 --methods $1 --gram-only --gram $2.safetensors
+done
+# the linear probe's few-shot curve next to zero-shot over four datasets
+eval $P3 --name fewshot_linear_probe_4ds --protocol fewshot --datasets emoji-nature emoji-animals emoji-food emoji-activities \
+    --shots 1 2 4 8 16 --methods zeroshot linear_probe
+# test-time GRAM ablations at the full artifact's step count
+OMP_NUM_THREADS=1 $PY benchmarks/tta_ablations.py --full runs/bench-tta/meta_tta.safetensors --limit 100 --quiet
+# every host with and without GRAM across the protocols (from the summaries above)
+$PY benchmarks/gram_summary.py
