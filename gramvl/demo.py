@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def gram_demo(bb, out: Path, quick: bool = False) -> None:
     summaries = {}
     for label, gram in (("CoOp", None), ("CoOp + GRAM", str(art))):
         folder = out / ("b2n_coop_gram" if gram else "b2n_coop")
+        shutil.rmtree(folder, ignore_errors=True)  # the demo's own scratch: always a fresh run
         p = ProtocolConfig(protocol="base2new", method="coop", datasets=datasets, seeds=[1], shots=[16],
                            out=str(folder), epochs=epochs, gram=gram)
         summaries[label] = run_protocol(p, progress=True, bb=bb)

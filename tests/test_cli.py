@@ -105,3 +105,38 @@ def test_command_line_of_a_benchmark_quotes_what_the_shell_would_split(tmp_path,
         "python benchmarks/x.py --set 'ctx_init=a photo of a' n_ctx=4")
     monkeypatch.chdir(tmp_path)
     assert command_line([str(tmp_path / "benchmarks" / "y.py"), "--name", "z"]) == "python benchmarks/y.py --name z"
+
+
+def test_protocol_resumes_from_its_records_but_never_reuses_another_runs(tmp_path, capsys, small_ckpt):
+    # a record made with another GRAM artifact at the same path (a re-run meta-training) used to be reused
+    # silently; it is now an error naming what differs
+    from gramvl.backbone import load_backbone
+    from gramvl.gram.meta import ARTIFACT_FORMAT
+    from gramvl.io import save_tensors
+
+    root = make_folder(tmp_path / "ds", per=2)
+    bb = load_backbone(str(small_ckpt))
+    art = tmp_path / "gram.safetensors"
+
+    def write_artifact(value):
+        save_tensors(art, {"theta.text_ctx": torch.full((4, bb.text_width), value)},
+                     {"format": ARTIFACT_FORMAT, "backbone": bb.ident, "host": "coop", "regulator": None,
+                      "slots": {"text_ctx": [4, bb.text_width]}})
+
+    write_artifact(0.01)
+    out = tmp_path / "run"
+    argv = ["protocol", "fewshot", "--method", "coop", "--model", str(small_ckpt), "--datasets", f"folder:{root}",
+            "--seeds", "1", "--shots", "1", "--epochs", "1", "--gram", str(art), "--out", str(out),
+            "--set", "host.n_ctx=4"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    record = out / "records" / next(p.name for p in (out / "records").iterdir())
+    first = json.loads(record.read_text())
+    assert first["unit_identity"]["gram"]
+    code, _, err = run(capsys, *argv)  # the same run again: the record is reused as it is
+    assert code == 0, err
+    assert json.loads(record.read_text()) == first
+    write_artifact(0.02)  # another artifact at the same path
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "was made by another run (different GRAM artifact)" in err
+    assert json.loads(record.read_text()) == first  # nothing overwritten

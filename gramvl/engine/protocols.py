@@ -8,6 +8,7 @@ Under torchrun every rank runs every unit (data-parallel inside); rank 0 alone w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -137,6 +138,39 @@ def run_unit(p: ProtocolConfig, bb: Backbone, dataset: str, shots: int, seed: in
                        seed=seed, method=p.method, gram=bool(p.gram))
 
 
+def unit_identity(p: ProtocolConfig, bb: Backbone, dataset: str, shots: int, seed: int) -> dict:
+    """What a unit's record depends on: its training config (not the device), the protocol, the evaluation
+    split and targets, the backbone, and the content of the GRAM artifact."""
+    cfg = asdict(_train_cfg(p, dataset, shots, seed, "base" if p.protocol == "base2new" else "all"))
+    cfg.pop("device", None)
+    cfg.update(protocol=p.protocol, eval_split=p.eval_split, targets=resolve_targets(p))
+    ident = {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
+             "backbone": bb.ident}
+    if p.gram:
+        from gramvl.gram.attach import artifact_digest
+
+        ident["gram"] = artifact_digest(p.gram)
+    return ident
+
+
+def reusable(path: Path, ident: dict) -> bool:
+    """Whether the record at `path` is this unit's result (an interrupted run resumes by skipping it). A
+    record of another run (other config, model or GRAM artifact) is an error, never silently reused.
+    Records written before gramvl stored identities are reused as before."""
+    if not path.is_file():
+        return False
+    try:
+        got = json.loads(path.read_text()).get("unit_identity")
+    except json.JSONDecodeError as e:
+        raise GramvlError(f"corrupt record {path}: {e}; remove it to run the unit again") from e
+    if got is None or got == ident:
+        return True
+    what = {"config": "configuration", "backbone": "model", "gram": "GRAM artifact"}
+    diff = [what.get(k, k) for k in sorted(set(got) | set(ident)) if got.get(k) != ident.get(k)]
+    raise GramvlError(f"{path} was made by another run (different {', '.join(diff)}); remove it, or write "
+                      f"this run to another --out folder")
+
+
 def unit_name(dataset: str, shots: int, seed: int) -> str:
     """File name of a unit; 'folder:/data/x' becomes 'folder__data_x' (one file, not nested folders)."""
     safe = re.sub(r"[/:\\]", "_", dataset)
@@ -161,9 +195,12 @@ def run_protocol(p: ProtocolConfig, progress: bool = True, bb: Backbone | None =
         for k in shots:
             for s in p.seeds:
                 path = record_path(p.out, d, k, s)
-                if dist.broadcast_object(path.is_file()):  # rank 0 decides: all ranks skip the same units
+                ident = unit_identity(p, bb, d, k, s)
+                # every rank reads the same record (and raises the same error); rank 0's answer decides
+                if dist.broadcast_object(reusable(path, ident)):
                     continue
                 rec = run_unit(p, bb, d, k, s, progress)
+                rec["unit_identity"] = ident
                 if dist.is_main():
                     save_record(path, rec)
     return dist.broadcast_object(summarize(p.out) if dist.is_main() else None)

@@ -313,6 +313,13 @@ def evaluate_sets(host: PromptLearner, sets: dict[str, ImageDataset], device: st
 
 
 def run_identity(cfg: TrainConfig, bb: Backbone, recipe: Recipe) -> dict:
+    """What makes two training runs the same: config (not the device), backbone, recipe, and the content of
+    the GRAM artifact (a path can be re-written with another one)."""
     d = asdict(cfg)
     d.pop("device", None)
-    return {"config": _config_hash(d), "backbone": bb.ident, "recipe": _config_hash(asdict(recipe))}
+    ident = {"config": _config_hash(d), "backbone": bb.ident, "recipe": _config_hash(asdict(recipe))}
+    if cfg.gram:
+        from gramvl.gram.attach import artifact_digest
+
+        ident["gram"] = artifact_digest(cfg.gram)
+    return ident

@@ -27,6 +27,17 @@ def resolve_artifact(path: str | Path) -> Path:
     return Path(path)
 
 
+def artifact_digest(path: str | Path) -> str:
+    """Content digest of an artifact file (what a run used, whatever its path): part of run identities, so a
+    record or checkpoint made with other θ*/ψ* at the same path is never taken for this run's."""
+    import hashlib
+
+    p = resolve_artifact(path)
+    if not p.is_file():
+        raise GramvlError(f"GRAM artifact not found: {p}")
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+
 def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], RegulatorSet | None, dict]:
     """θ* tensors by slot name, the frozen ψ* (None if the artifact has none), and the sidecar."""
     tensors, meta = load_tensors(resolve_artifact(path))
