@@ -58,7 +58,6 @@ class PackPlan:
     src: torch.Tensor  # [G, P] flat index (class * L + position) of each packed token in the padded prompts
     pos: torch.Tensor  # [G, P] original position of each packed token (positional embedding index)
     mask: torch.Tensor  # [G, P, P] additive attention mask (0 allowed, -inf not)
-    eot: torch.Tensor  # [C] flat index (pack * P + offset) of each class's end-of-text token
     padded: int  # tokens the padded encoding runs (C x cut length)
     packed: int  # tokens the packed encoding runs (G x P)
     rows: torch.Tensor  # [G, R] offsets of the end-of-text tokens in each pack (padded by repeating one)
@@ -99,7 +98,6 @@ def pack_plan(tokens: torch.Tensor, eot: torch.Tensor, shared_until: int | None 
     src = torch.zeros(G, P, dtype=torch.long)
     pos = torch.zeros(G, P, dtype=torch.long)
     seg = torch.full((G, P), -2, dtype=torch.long)  # -1 prefix, c class c, -2 padding
-    eot_flat = torch.zeros(C, dtype=torch.long)
     R = max(len(g) for g in groups)
     rows = torch.zeros(G, R, dtype=torch.long)
     eot_row = torch.zeros(C, dtype=torch.long)
@@ -113,7 +111,6 @@ def pack_plan(tokens: torch.Tensor, eot: torch.Tensor, shared_until: int | None 
             src[g, o:o + n] = c * L + torch.arange(k, ends[c])
             pos[g, o:o + n] = torch.arange(k, ends[c])
             seg[g, o:o + n] = c
-            eot_flat[c] = g * P + o + n - 1
             r = members.index(c)
             rows[g, r] = o + n - 1
             eot_row[c] = g * R + r
@@ -126,7 +123,7 @@ def pack_plan(tokens: torch.Tensor, eot: torch.Tensor, shared_until: int | None 
     causal = i.view(1, P, 1) >= i.view(1, 1, P)
     allowed = causal & ((seg.unsqueeze(1) == seg.unsqueeze(2)) | (seg == -1).unsqueeze(1))
     mask = torch.zeros(G, P, P).masked_fill(~allowed, float("-inf"))
-    return PackPlan(k, src, pos, mask, eot_flat, C * int(max(ends)), G * P, rows, eot_row)
+    return PackPlan(k, src, pos, mask, C * int(max(ends)), G * P, rows, eot_row)
 
 
 class _TextTower:
@@ -411,7 +408,7 @@ class Backbone(nn.Module):
                 else:
                     dev = self.device
                     plan = PackPlan(plan.prefix, plan.src.to(dev), plan.pos.to(dev),
-                                    plan.mask.to(dev, self.dtype), plan.eot.to(dev), plan.padded, plan.packed,
+                                    plan.mask.to(dev, self.dtype), plan.padded, plan.packed,
                                     plan.rows.to(dev), plan.eot_row.to(dev))
             cache[pack_tokens] = plan
         return cache[pack_tokens]

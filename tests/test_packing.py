@@ -56,8 +56,10 @@ def test_pack_plan_masks_other_classes_and_keeps_every_token_once():
             assert src.count(c * 6 + p) == 1
     flat_mask = plan.mask.reshape(-1, plan.mask.shape[-1])
     G, P = plan.pos.shape
+    R = plan.rows.shape[1]
     for c in range(3):
-        g, o = divmod(int(plan.eot[c]), P)
+        g, r = divmod(int(plan.eot_row[c]), R)
+        o = int(plan.rows[g, r])
         seen = {int(plan.src[g, j]) // 6 for j in range(P) if flat_mask[g * P + o, j] == 0 and j >= plan.prefix}
         assert seen == {c}  # the end-of-text token of class c sees the prefix and class c only
 
@@ -69,6 +71,6 @@ def test_pack_plan_rows_point_at_each_classes_end_of_text():
     G, P = plan.pos.shape
     R = plan.rows.shape[1]
     assert G > 1 and R > 1
-    for c in range(4):
+    for c in range(4):  # the row read for class c holds class c's end-of-text token
         g, r = divmod(int(plan.eot_row[c]), R)
-        assert g * P + int(plan.rows[g, r]) == int(plan.eot[c])
+        assert int(plan.src[g, plan.rows[g, r]]) == c * tokens.shape[1] + int(eot[c])

@@ -8,7 +8,6 @@ Under torchrun every rank runs every unit (data-parallel inside); rank 0 alone w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -26,7 +25,14 @@ from gramvl.data.features import image_features
 from gramvl.data.fewshot import harmonic_mean, sample_few_shot, split_base_new
 from gramvl.data.registry import get_dataset
 from gramvl.engine.results import make_record, markdown_table, save_record
-from gramvl.engine.train import TrainConfig, Trainer, evaluate_sets, resolved_recipe, run_identity
+from gramvl.engine.train import (
+    TrainConfig,
+    Trainer,
+    config_hash,
+    evaluate_sets,
+    resolved_recipe,
+    run_identity,
+)
 from gramvl.errors import GramvlError
 from gramvl.io import write_json, write_text
 from gramvl.prompts import HOSTS, build_host
@@ -144,8 +150,7 @@ def unit_identity(p: ProtocolConfig, bb: Backbone, dataset: str, shots: int, see
     cfg = asdict(_train_cfg(p, dataset, shots, seed, "base" if p.protocol == "base2new" else "all"))
     cfg.pop("device", None)
     cfg.update(protocol=p.protocol, eval_split=p.eval_split, targets=resolve_targets(p))
-    ident = {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
-             "backbone": bb.ident}
+    ident = {"config": config_hash(cfg), "backbone": bb.ident}
     if p.gram:
         from gramvl.gram.attach import artifact_digest
 

@@ -94,7 +94,8 @@ def lr_at(r: Recipe, epoch_float: float) -> float:
     return 0.5 * r.lr * (1 + math.cos(math.pi * min(1.0, epoch_float / max(1, r.epochs))))
 
 
-def _config_hash(d: dict) -> str:
+def config_hash(d: dict) -> str:
+    """Short, stable digest of a JSON-able config (run identities)."""
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -317,7 +318,7 @@ def run_identity(cfg: TrainConfig, bb: Backbone, recipe: Recipe) -> dict:
     the GRAM artifact (a path can be re-written with another one)."""
     d = asdict(cfg)
     d.pop("device", None)
-    ident = {"config": _config_hash(d), "backbone": bb.ident, "recipe": _config_hash(asdict(recipe))}
+    ident = {"config": config_hash(d), "backbone": bb.ident, "recipe": config_hash(asdict(recipe))}
     if cfg.gram:
         from gramvl.gram.attach import artifact_digest
 
