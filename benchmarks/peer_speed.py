@@ -616,6 +616,10 @@ SPEED_MD_TPT_NOTES = """
   prompt per class, forward + backward, then another forward for the prediction), is a small part there.
   With `--encode-precision bf16` (TPTConfig.encode_precision) ours runs the image tower on the views under
   bf16 autocast (TPT's own code runs it under fp16 autocast on GPUs; on this CPU its autocast is off).
+- Session 6 (small_tpt2.json, commit 1822496): after the last-block change (the image tower computes its
+  last block at the class token only) and on an otherwise idle machine (load average 1.1), 1.87x in fp32 and 3.12x with bf16 views; the
+  session-2 run (1.34x / 2.13x) ran under a load average of 3-8. Both sides encode the 64 views once per
+  sample, so the fp32 ratio stays bound by the image tower.
 - The TPT part of `small.json` is not shown: it timed all official samples, then all of ours (not
   interleaved), and the load changed in between (it gave 3.6x); later runs alternate batch by batch.
 - Accuracy: each side draws its own random views, so accuracies differ by view noise. **same views**: the

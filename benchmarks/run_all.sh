@@ -69,8 +69,10 @@ OMP_NUM_THREADS=1 PYTHONPATH=. /tmp/peers/venv/bin/python benchmarks/peer_speed.
     --our-epochs 1 --json runs/peer_speed/small4.json
 OMP_NUM_THREADS=1 PYTHONPATH=. /tmp/peers/venv/bin/python benchmarks/peer_speed.py --coop /tmp/peers/CoOp \
     --dassl /tmp/peers/Dassl.pytorch --model small --methods coop --rounds 5 --steps 6 --our-epochs 1 --json runs/peer_speed/small5.json
+OMP_NUM_THREADS=1 PYTHONPATH=. /tmp/peers/venv/bin/python benchmarks/peer_speed.py --tpt /tmp/peers/TPT \
+    --model small --methods tpt --tpt-samples 100 --same-views --json runs/peer_speed/small_tpt2.json
 $PY benchmarks/peer_speed.py --render runs/peer_speed/small5.json runs/peer_speed/small4.json runs/peer_speed/small3.json runs/peer_speed/small2.json \
-    runs/peer_speed/small.json runs/peer_speed/small_tpt.json runs/peer_speed/vitb16.json runs/peer_speed/vitb16_tpt.json
+    runs/peer_speed/small.json runs/peer_speed/small_tpt2.json runs/peer_speed/small_tpt.json runs/peer_speed/vitb16.json runs/peer_speed/vitb16_tpt.json
 # CMHC at 1M pairs from memory-mapped feature shards (faiss and torch k-means; needs gramvl[scale])
 $PY benchmarks/cmhc_scale.py --sizes 1000000 200000 --torch-sizes 1000000 200000 --low-memory-sizes 1000000
 # ---- session 2: GRAM with the pre-adaptation loss (meta.pre_weight = 1, the new default) on every host ----
