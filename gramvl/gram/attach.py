@@ -38,11 +38,15 @@ def artifact_digest(path: str | Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
 
 
-def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], RegulatorSet | None, dict]:
-    """θ* tensors by slot name, the frozen ψ* (None if the artifact has none), and the sidecar."""
+def _read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The artifact's tensors and sidecar, read once; anything but a GRAM artifact is an error."""
     tensors, meta = load_tensors(resolve_artifact(path))
     if not meta or meta.get("format") != ARTIFACT_FORMAT:
         raise GramvlError(f"{path} is not a GRAM artifact (written by `gramvl meta-train`)")
+    return tensors, meta
+
+
+def _theta_psi(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[str, torch.Tensor], RegulatorSet | None]:
     theta = {k[len("theta."):]: v for k, v in tensors.items() if k.startswith("theta.")}
     psi = None
     if meta.get("regulator"):
@@ -53,21 +57,21 @@ def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], RegulatorS
         psi.eval()
         for p in psi.parameters():
             p.requires_grad_(False)
-    return theta, psi, meta
+    return theta, psi
 
 
-def load_host_extras(path: str | Path) -> dict[str, torch.Tensor]:
-    """The meta-training host's non-slot parameters stored in an artifact (`gramvl.gram.meta.host_extras`),
-    by parameter path; empty for hosts without any and for artifacts written before gramvl stored them."""
-    tensors, _ = load_tensors(resolve_artifact(path))
-    return {k[len("host."):]: v for k, v in tensors.items() if k.startswith("host.")}
+def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], RegulatorSet | None, dict]:
+    """θ* tensors by slot name, the frozen ψ* (None if the artifact has none), and the sidecar."""
+    tensors, meta = _read_artifact(path)
+    return (*_theta_psi(tensors, meta), meta)
 
 
 def attach(host: PromptLearner, artifact: str | Path, parts: str = "both") -> dict:
     """Initialize the host's slots from θ* and/or hook ψ* onto their gradients; returns what was done."""
     if parts not in PARTS:
         raise GramvlError(f"--gram-parts must be one of {', '.join(PARTS)}, not {parts!r}")
-    theta, psi, meta = load_artifact(artifact)
+    tensors, meta = _read_artifact(artifact)
+    theta, psi = _theta_psi(tensors, meta)
     if meta["backbone"] != host.bb.ident:
         raise GramvlError(f"checkpoint from another backbone: GRAM artifact {artifact} was meta-trained on "
                           f"{meta['backbone']}, the host uses {host.bb.ident}; re-run `gramvl meta-train` "
@@ -97,10 +101,13 @@ def attach(host: PromptLearner, artifact: str | Path, parts: str = "both") -> di
             # ψ is nonlinear: under torchrun it must see the gradient summed over ranks, not this rank's share
             dist.add_gradient_hook(slot, lambda g, reg=reg: reg(g).to(g.dtype))
             done["regulated"].append(name)
-    if parts in ("both", "init"):  # the maps θ* was meta-learned with (MaPLe's coupling, CoCoOp's meta-net)
+    if parts in ("both", "init"):
+        # the meta-training host's non-slot parameters θ* was learned with (`gramvl.gram.meta.host_extras`:
+        # MaPLe's coupling, CoCoOp's meta-net); none in artifacts written before gramvl stored them
         own = dict(host.named_parameters())
         done["extras"] = []
-        for name, src in load_host_extras(artifact).items():
+        extras = {k[len("host."):]: v for k, v in tensors.items() if k.startswith("host.")}
+        for name, src in extras.items():
             if name not in own or own[name].shape != src.shape:
                 got = tuple(own[name].shape) if name in own else "absent"
                 raise GramvlError(f"GRAM artifact {artifact} holds host parameter {name} of shape "
