@@ -140,3 +140,20 @@ def test_protocol_resumes_from_its_records_but_never_reuses_another_runs(tmp_pat
     code, _, err = run(capsys, *argv)
     assert code == 2 and "was made by another run (different GRAM artifact)" in err
     assert json.loads(record.read_text()) == first  # nothing overwritten
+
+
+def test_protocol_names_a_corrupt_record_and_a_missing_artifact(tmp_path, capsys, small_ckpt):
+    root = make_folder(tmp_path / "ds", per=2)
+    out = tmp_path / "run"
+    argv = ["protocol", "fewshot", "--method", "zeroshot", "--model", str(small_ckpt), "--datasets",
+            f"folder:{root}", "--seeds", "1", "--shots", "1", "--out", str(out)]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    record = next((out / "records").iterdir())
+    record.write_text("{not json")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and f"corrupt record {record}" in err
+    code, _, err = run(capsys, "protocol", "fewshot", "--method", "coop", "--model", str(small_ckpt),
+                       "--datasets", f"folder:{root}", "--seeds", "1", "--shots", "1",
+                       "--gram", str(tmp_path / "absent.safetensors"), "--out", str(tmp_path / "run2"))
+    assert code == 2 and "GRAM artifact not found" in err and "absent.safetensors" in err
