@@ -33,11 +33,14 @@ def _load_model(args):
 
 # ----------------------------------------------------------------------------------------- commands
 def cmd_world(args) -> int:
-    from gramvl.data.world import build_world
+    from gramvl.data.world import build_icon_part, build_world
 
     t0 = time.time()
     path = build_world(force=args.force, progress=not args.quiet)
     print(f"embedded world ready at {path} ({time.time() - t0:.1f} s)")
+    if args.icons:
+        icons = build_icon_part(force=args.force, progress=not args.quiet)
+        print(f"icon corpus ready at {icons} ({time.time() - t0:.1f} s)")
     return 0
 
 
@@ -92,7 +95,8 @@ def cmd_pretrain(args) -> int:
 
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                          eval_every=args.eval_every, val_sets=args.val_sets or [], ema=args.ema,
-                         caption_positives=args.caption_positives)
+                         caption_positives=args.caption_positives, icons=args.icons, init=args.init or "",
+                         warmup=args.warmup)
     best = pretrain(cfg, args.out, progress=not args.quiet)
     print(f"best checkpoint: {best}")
     return 0
@@ -291,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = w.add_subparsers(dest="world_command", required=True)
     wb = wsub.add_parser("build", help="fetch the packages and build the world (idempotent)")
     wb.add_argument("--force", action="store_true")
+    wb.add_argument("--icons", action="store_true",
+                    help="also build the optional icon corpus (3 iconify icon sets) for `gramvl pretrain --icons`")
     wb.set_defaults(func=cmd_world)
 
     d = sub.add_parser("datasets", help="list the embedded datasets with class and image counts")
@@ -321,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate and export a weight average with this decay, e.g. 0.999 (0: raw weights)")
     pt.add_argument("--caption-positives", action="store_true",
                     help="count a caption shared by several emoji (e.g. 'a flag.') as a positive for all of them")
+    pt.add_argument("--icons", type=float, default=0.0,
+                    help="share of each batch drawn from the icon corpus (built on demand; 0: emoji only)")
+    pt.add_argument("--init", default=None,
+                    help="start from this small-CLIP .safetensors (same architecture) instead of random weights")
+    pt.add_argument("--warmup", type=int, default=150, help="learning-rate warm-up steps")
     pt.set_defaults(func=cmd_pretrain)
 
     tr = sub.add_parser("train", help="train one host on one dataset (few-shot), then evaluate")

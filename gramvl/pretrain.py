@@ -54,6 +54,9 @@ class PretrainConfig:
     # options tried in session 3 (docs/pretraining.md); off by default = the packaged model's recipe
     ema: float = 0.0  # decay of a weight average that is evaluated and exported (0 = raw weights)
     caption_positives: bool = False  # a caption shared by several emoji is a positive for all of them
+    # session 7 (docs/pretraining.md): the optional icon corpus and continuing from a checkpoint
+    icons: float = 0.0  # share of each batch drawn from the icon corpus (0 = emoji only)
+    init: str = ""  # a small-CLIP .safetensors to start from (its architecture must match)
     eval_every: int = 250
     seed: int = 0
     threads: int = 2
@@ -235,6 +238,44 @@ def val_score(acc: dict) -> float:
 
 
 # ----------------------------------------------------------------------------------------- train
+def sample_pairs(g: torch.Generator, batch: int, n_emoji: int, n_icons: int, icon_share: float) -> torch.Tensor:
+    """Indices of one batch: emoji pairs are 0..n_emoji-1, icon pairs follow; each row is an icon with
+    probability `icon_share` (the corpora differ 1:3 in size, so uniform sampling would let icons dominate)."""
+    idx = torch.randint(0, n_emoji, (batch,), generator=g)
+    if icon_share > 0 and n_icons > 0:
+        is_icon = torch.rand(batch, generator=g) < icon_share
+        idx = torch.where(is_icon, n_emoji + torch.randint(0, n_icons, (batch,), generator=g), idx)
+    return idx
+
+
+def load_init(net: torch.nn.Module, path: str | Path, model_cfg: dict) -> str:
+    """Load the weights of a small-CLIP checkpoint into `net` (a continued run); return the model's id."""
+    path = Path(path)
+    if not path.is_file():
+        raise GramvlError(f"--init checkpoint {path} does not exist")
+    tensors, meta = load_tensors(path)
+    if not meta or meta.get("model_cfg") != model_cfg:
+        raise GramvlError(f"--init checkpoint {path} has another architecture than this run "
+                          f"({(meta or {}).get('model_cfg')} vs {model_cfg})")
+    sd = {k[6:] if k.startswith("model.") else k: v.float() for k, v in tensors.items()}
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("attn_mask")]
+    if missing or unexpected:
+        raise GramvlError(f"--init checkpoint {path} does not match the model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    return f"{path.name}:{_digest(path)}"
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
 def _sidecar(cfg: PretrainConfig, extra: dict) -> dict:
     return {"format": "gramvl-small-clip", "model_cfg": cfg.model_cfg(), "mean": list(cfg.mean),
             "std": list(cfg.std), "pretrain": {"config": asdict(cfg), **extra}}
@@ -250,6 +291,14 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     pairs = load_pretrain_pairs()
     if not pairs:
         raise GramvlError("the pre-training corpus is empty; run `gramvl world build`")
+    if not 0.0 <= cfg.icons < 1.0:
+        raise GramvlError(f"--icons is the share of each batch drawn from the icon corpus: 0 <= share < 1, got {cfg.icons}")
+    n_emoji = len(pairs)
+    if cfg.icons > 0:
+        from gramvl.data.world import build_icon_part, load_icon_pairs
+
+        build_icon_part(progress=progress)
+        pairs = pairs + load_icon_pairs()
     config = _sidecar(cfg, {})
     torch.manual_seed(cfg.seed)
     net = build_small_clip(config)
@@ -270,7 +319,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     starts = torch.zeros(len(pairs) + 1, dtype=torch.long)
     starts[1:] = torch.bincount(owner_t, minlength=len(pairs)).cumsum(0)
     concept = {}
-    concept_id = torch.tensor([concept.setdefault(p.get("hexcode", p["name"]), len(concept)) for p in pairs])
+    concept_id = torch.tensor([concept.setdefault(p.get("hexcode") or p.get("concept") or p["name"], len(concept))
+                               for p in pairs])
     cap_str_id, cap_members = (caption_positive_table(caps, owner, concept_id.tolist()) if cfg.caption_positives
                                else (None, None))
     ema = {k: v.detach().clone() for k, v in net.named_parameters()} if cfg.ema > 0 else None
@@ -290,6 +340,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     base_lrs = [gr["lr"] for gr in opt.param_groups]
 
     state = {"step": 0, "best_score": -1e9, "best_step": -1, "history": [], "seconds": 0.0}
+    if cfg.init:
+        init_id = load_init(net, cfg.init, config["model_cfg"])
+        state["init"] = init_id
     last = out / "last.safetensors"
     if last.is_file():
         tensors, meta = load_tensors(last)
@@ -346,7 +399,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     while state["step"] < cfg.steps:
         step = state["step"]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=g)
+        idx = sample_pairs(g, cfg.batch_size, n_emoji, len(pairs) - n_emoji, cfg.icons)
         cap_idx = starts[idx] + (torch.rand(cfg.batch_size, generator=g) * (starts[idx + 1] - starts[idx])).long()
         imgs = normalize_images(augment(images[idx], cfg.image_size, g), cfg.mean, cfg.std)
         text = cap_tokens[cap_idx]

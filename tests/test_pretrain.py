@@ -30,3 +30,46 @@ def test_positive_matrix_marks_same_concept_and_shared_captions_only():
     concept_only = positive_matrix(concepts, cap_ids, None)
     assert torch.equal(concept_only, (concepts[:, None] == concepts[None, :]).float())
     assert concept_only[1, 3] == 0  # without caption positives "a flag." is a negative for peru
+
+
+def test_sample_pairs_mixes_icons_at_the_requested_share():
+    from gramvl.pretrain import sample_pairs
+
+    g = torch.Generator().manual_seed(0)
+    only = sample_pairs(g, 4096, 100, 500, 0.0)
+    assert only.max() < 100
+    idx = sample_pairs(torch.Generator().manual_seed(1), 4096, 100, 500, 0.4)
+    share = (idx >= 100).float().mean().item()
+    assert 0.37 < share < 0.43 and idx.max() < 600
+    again = sample_pairs(torch.Generator().manual_seed(1), 4096, 100, 500, 0.4)
+    assert torch.equal(idx, again)
+
+
+def test_init_loads_a_checkpoint_and_refuses_another_architecture(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from gramvl.backbone import build_small_clip
+    from gramvl.errors import GramvlError
+    from gramvl.io import save_tensors
+    from gramvl.pretrain import PretrainConfig, _sidecar, load_init
+
+    cfg = PretrainConfig(vision_layers=1, text_layers=1, vision_width=32, text_width=32, embed_dim=16,
+                         text_heads=2, vision_head_width=16)
+    side = _sidecar(cfg, {})
+    torch.manual_seed(0)
+    src = build_small_clip(side)
+    save_tensors(tmp_path / "a.safetensors", {k: v for k, v in src.state_dict().items()
+                                              if not k.endswith("attn_mask")}, side)
+    torch.manual_seed(1)
+    dst = build_small_clip(side)
+    ident = load_init(dst, tmp_path / "a.safetensors", side["model_cfg"])
+    assert ident.startswith("a.safetensors:")
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    other = _sidecar(dataclasses.replace(cfg, text_layers=2), {})
+    with pytest.raises(GramvlError, match="another architecture"):
+        load_init(build_small_clip(other), tmp_path / "a.safetensors", other["model_cfg"])
+    with pytest.raises(GramvlError, match="does not exist"):
+        load_init(dst, tmp_path / "missing.safetensors", side["model_cfg"])

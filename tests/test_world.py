@@ -206,3 +206,57 @@ def test_real_world_if_built():
     fm = world.load_embedded("fashion-mnist", "test")
     assert fm.num_classes == 10 and len(fm) == 10000 and fm.domain == "photo"
     assert "ankle boot" in fm.classnames and "t-shirt" in fm.classnames
+
+
+def test_icon_names_become_captions_or_are_skipped():
+    assert wb.icon_caption("tshirt-crew-outline") == "tshirt crew"
+    assert wb.icon_caption("chelsea-boot") == "chelsea boot"
+    assert wb.icon_caption("shirt-filled") == "shirt"
+    assert wb.icon_caption("bag-personal-plus") is None      # a user-interface overlay, not a thing
+    assert wb.icon_caption("shirt-off") is None
+    assert wb.icon_caption("a-b-2") is None                  # letters
+    assert wb.icon_caption("brand-github") is None           # logos
+    assert wb.icon_caption("numeric-1-box") is None
+    # scoped npm names map to the archive file name npm pack writes
+    assert ws.archive_stem("@iconify-json/mdi") == "iconify-json-mdi"
+    assert ws._archive_glob(ws.SOURCE_BY_NAME["@iconify-json/mdi"]) == "iconify-json-mdi-*.tgz"
+    assert ws.archive_stem("openmoji") == "openmoji"
+
+
+def _fake_iconify(tree: ws.SourceTree, name: str, icons: dict, categories: dict | None = None) -> None:
+    path = tree.iconify_json(name)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"prefix": name.rsplit("/", 1)[1], "icons": icons, "width": 24, "height": 24}))
+    if categories:
+        tree.iconify_metadata(name).write_text(json.dumps({"categories": categories}))
+
+
+def test_fake_icon_sets_build_captioned_pictograms(tmp_path):
+    tree = ws.SourceTree(tmp_path / "src")
+    square = '<path fill="currentColor" d="M4 4h16v16H4z"/>'
+    ring = '<circle cx="12" cy="12" r="8" fill="none" stroke="currentColor" stroke-width="2"/>'
+    _fake_iconify(tree, "@iconify-json/aa", {"shirt": {"body": square}, "shirt-outline": {"body": ring},
+                                             "shirt-thin": {"body": square},  # a third variant: over the cap
+                                             "shirt-off": {"body": square}, "empty": {"body": "<g/>"},
+                                             "smile": {"body": square}},
+                  {"Clothing": ["shirt", "shirt-outline"], "Emoji": ["smile"]})
+    _fake_iconify(tree, "@iconify-json/bb", {"shirt": {"body": ring, "width": 48, "height": 24}})
+    out = tmp_path / "icons"
+    c = wb.build_icons(tree, out, ["@iconify-json/aa", "@iconify-json/bb"], processes=1, progress=False)
+    rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    # names are taken in sorted order, at most two variants of one name per set ("shirt-thin" sorts last)
+    assert [(r["style"], r["icon"]) for r in rows] == [("aa", "shirt"), ("aa", "shirt-outline"), ("bb", "shirt")]
+    assert {r["concept"] for r in rows} == {"icon:shirt"}          # one concept across variants and sets
+    assert rows[0]["keywords"] == ["clothing"] and rows[2]["keywords"] == []
+    assert c == {"pairs": 3, "concepts": 1, "by_set": {"aa": 2, "bb": 1}, "failed_renders": 1}  # "empty"
+    im = np.asarray(Image.open(tmp_path / rows[0]["image"]))
+    assert im.shape == (64, 64, 3) and im.min() == 0 and im.max() == 255   # black drawing on white
+    (tree.iconify_json("@iconify-json/bb")).write_text("{}")
+    with pytest.raises(GramvlError, match="not an iconify icon set"):
+        wb.build_icons(tree, tmp_path / "icons2", ["@iconify-json/bb"], processes=1, progress=False)
+
+
+def test_icon_corpus_not_built_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRAMVL_HOME", str(tmp_path))
+    with pytest.raises(GramvlError, match=r"icon corpus is not built.*gramvl world build --icons"):
+        world.load_icon_pairs()

@@ -17,20 +17,30 @@ from pathlib import Path
 from gramvl.data.base import ImageDataset, load_folder
 from gramvl.data.world.build import (
     BUILDER_VERSION,
+    ICONS_PART_VERSION,
     PART_VERSIONS,
     build_datasets,
+    build_icons,
     build_meta,
     build_pretrain,
     log,
     swap_in,
 )
-from gramvl.data.world.sources import SOURCE_BY_NAME, SOURCES, SourceTree, extract_source, fetch_source
+from gramvl.data.world.sources import (
+    ICON_SOURCES,
+    SOURCE_BY_NAME,
+    SOURCES,
+    SourceTree,
+    archive_stem,
+    extract_source,
+    fetch_source,
+)
 from gramvl.errors import GramvlError
 from gramvl.io import write_json
 from gramvl.paths import world_dir
 
-__all__ = ["BUILDER_VERSION", "build_world", "embedded_dataset_names", "load_embedded", "load_meta_pairs",
-           "load_pretrain_pairs", "world_info"]
+__all__ = ["BUILDER_VERSION", "build_icon_part", "build_world", "embedded_dataset_names", "load_embedded",
+           "load_icon_pairs", "load_meta_pairs", "load_pretrain_pairs", "world_info"]
 
 MANIFEST = "MANIFEST.json"
 PART_FILE = "PART.json"
@@ -57,7 +67,8 @@ def _read_json(path: Path) -> dict | None:
 
 def _part_done(world: Path, part: str) -> dict | None:
     info = _read_json(world / part / PART_FILE)
-    return info if info and info.get("part_version") == PART_VERSIONS[part] else None
+    want = ICONS_PART_VERSION if part == "icons" else PART_VERSIONS[part]
+    return info if info and info.get("part_version") == want else None
 
 
 @contextlib.contextmanager
@@ -101,7 +112,7 @@ def build_world(force: bool = False, progress: bool = True, processes: int = 2) 
                 if n not in archives:
                     digests[n] = recorded.get(n) or src.sha256  # fetch_source verifies the archive against it
                     archives[n] = fetch_source(src, world / "sources", digests[n], say)
-                if extract and not (tree.root / n).is_dir():
+                if extract and not (tree.root / archive_stem(n)).is_dir():
                     say(f"world: unpacking {archives[n].name}")
                     extract_source(src, archives[n], tree.root)
 
@@ -136,6 +147,38 @@ def build_world(force: bool = False, progress: bool = True, processes: int = 2) 
         })
         say(f"world: built in {time.time() - t0:.0f} s at {world}")
     return world
+
+
+def build_icon_part(force: bool = False, progress: bool = True, processes: int = 2) -> Path:
+    """Build the optional icon corpus (world/icons) from the pinned iconify packages; return its folder.
+
+    It widens the small CLIP's pre-training corpus (`gramvl pretrain --icons`); the default world does not
+    need it. Its PART.json records the packages with their sha256 and licences."""
+    world = world_dir()
+    if not force and _part_done(world, "icons"):
+        return world / "icons"
+    say = log if progress else (lambda msg: None)
+    with _build_lock(world):
+        t0 = time.time()
+        work = world / ".build-icons"
+        shutil.rmtree(work, ignore_errors=True)
+        tree = SourceTree(work / "src")
+        sources = {}
+        for src in ICON_SOURCES:
+            archive = fetch_source(src, world / "sources", src.sha256, say)
+            extract_source(src, archive, tree.root)
+            sources[src.name] = {"kind": src.kind, "version": src.version, "archive": f"sources/{archive.name}",
+                                 "sha256": src.sha256, "license": src.license, "role": src.role}
+        tmp = world / ".tmp-icons"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        counts = build_icons(tree, tmp, [s.name for s in ICON_SOURCES], processes=processes, progress=progress)
+        write_json(tmp / PART_FILE, {"part_version": ICONS_PART_VERSION, "counts": counts, "sources": sources,
+                                     "seconds": round(time.time() - t0, 1)})
+        swap_in(tmp, world / "icons")
+        shutil.rmtree(work, ignore_errors=True)
+        say(f"world: icons built in {time.time() - t0:.0f} s ({counts['pairs']} icons)")
+    return world / "icons"
 
 
 def world_info() -> dict:
@@ -191,6 +234,15 @@ def _load_pairs(part: str) -> list[dict]:
 def load_pretrain_pairs() -> list[dict]:
     """The pre-training pairs (emoji images in two styles, names, keywords); image paths absolute."""
     return _load_pairs("pretrain")
+
+
+def load_icon_pairs() -> list[dict]:
+    """The optional icon corpus (named pictograms; `gramvl world build --icons`); image paths absolute."""
+    world = world_dir()
+    if not _part_done(world, "icons"):
+        raise GramvlError(f"the icon corpus is not built (no current {world / 'icons' / PART_FILE}); "
+                          "run `gramvl world build --icons`")
+    return _load_pairs("icons")
 
 
 def load_meta_pairs() -> list[dict]:

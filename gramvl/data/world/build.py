@@ -180,6 +180,120 @@ def build_pretrain(tree: SourceTree, out: Path, processes: int = 2, progress: bo
             "with_keywords": sum(1 for r in rows if r["keywords"])}
 
 
+# ---------------------------------------------------------------- optional icon corpus (iconify icon sets)
+
+ICONS_PART_VERSION = 1
+ICONS_PER_CONCEPT = 2   # at most this many variants (e.g. filled and outline) of one name per icon set
+# trailing name tokens that mark a drawing variant of the same thing ("shirt-filled", "a-b-2")
+_ICON_VARIANT = {"outline", "outlined", "filled", "fill", "solid", "alt", "variant", "sharp", "rounded", "thin",
+                 "bold", "line", "multiple", "box", "circle", "square"}
+# tokens that mark a user-interface overlay on a thing ("bag-personal-plus", "shirt-off"): such icons are skipped
+_ICON_OVERLAY = {"off", "plus", "minus", "remove", "check", "alert", "cancel", "edit", "lock", "unlock", "sync",
+                 "search", "cog", "settings", "question", "exclamation", "x", "share", "import", "export",
+                 "refresh", "clock", "dollar", "discount", "pause", "play", "code", "bolt", "pin", "up", "down",
+                 "left", "right", "arrow", "star", "heart", "tag", "move", "back", "network", "marker", "eye",
+                 "wrench", "account", "sort", "filter", "open", "closed", "on", "auto", "cloud", "percent",
+                 "spark", "hexagon", "dots", "minimal", "pen", "bookmark", "link", "message"}
+# whole icon sets' categories (mdi metadata) that hold letters, logos, text formatting or smiley faces
+_ICON_SKIP_CATEGORIES = {"Alpha / Numeric", "Brand / Logo", "Social Media", "Text / Content / Format",
+                         "Developer / Languages", "Emoji", "Form", "Tooltip", "Vector", "View", "Arrange"}
+_ICON_SKIP_PREFIX = ("brand-", "alpha-", "numeric-", "format-", "language-", "letter-", "number-", "math-",
+                     "emoticon", "mood-", "file-", "folder-", "arrow", "chevron", "caret", "sort-", "align-")
+
+
+def icon_caption(name: str) -> str | None:
+    """The caption words of an icon name, or None for icons that are not a depictable thing.
+
+    'tshirt-crew-outline' -> 'tshirt crew'; 'bag-personal-plus' -> None (an overlay); 'a-b-2' -> None."""
+    if name.startswith(_ICON_SKIP_PREFIX):
+        return None
+    toks = name.lower().split("-")
+    while len(toks) > 1 and (toks[-1] in _ICON_VARIANT or toks[-1].isdigit()):
+        toks.pop()
+    if any(t in _ICON_OVERLAY for t in toks[1:]) or toks[0] in _ICON_OVERLAY:
+        return None
+    if any(len(t) < 2 or any(ch.isdigit() for ch in t) for t in toks):
+        return None
+    return " ".join(toks)
+
+
+def icon_svg(body: str, width: float, height: float) -> bytes:
+    """A standalone SVG of one iconify icon body, drawn in black (the sets use currentColor)."""
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+            f'height="{height}" color="#000000">{body}</svg>').encode()
+
+
+def iconify_items(tree: SourceTree, package: str) -> list[dict]:
+    """Captioned icons of one iconify package (aliases skipped: they repeat an icon under another name)."""
+    path = tree.iconify_json(package)
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("icons"), dict):
+        raise GramvlError(f"{path} is not an iconify icon set (no 'icons' object)")
+    skip: set[str] = set()
+    category_of: dict[str, str] = {}
+    meta = tree.iconify_metadata(package)
+    if meta.is_file():
+        for cat, names in (_read_json(meta) or {}).get("categories", {}).items():
+            for n in names:
+                category_of.setdefault(n, cat)
+                if cat in _ICON_SKIP_CATEGORIES:
+                    skip.add(n)
+    prefix = str(data.get("prefix") or package.rsplit("/", 1)[-1])
+    per_caption: Counter = Counter()
+    items = []
+    for name in sorted(data["icons"]):
+        icon = data["icons"][name]
+        if name in skip or icon.get("hidden"):
+            continue
+        cap = icon_caption(name)
+        if cap is None or per_caption[cap] >= ICONS_PER_CONCEPT:
+            continue
+        per_caption[cap] += 1
+        cat = category_of.get(name, "")
+        items.append({"set": prefix, "icon": name, "name": cap,
+                      "keywords": [cat.split(" / ")[0].lower()] if cat else [],
+                      "body": icon["body"], "width": icon.get("width", data.get("width", 16)),
+                      "height": icon.get("height", data.get("height", 16))})
+    return items
+
+
+def _icon_job(job: tuple[bytes, str]) -> str | None:
+    from gramvl.data.world.render import fit_square, rasterize_svg, time_limit
+
+    svg, dst = job
+    try:
+        with time_limit(SVG_TIMEOUT_S):
+            art = fit_square(rasterize_svg(svg, 128), 64, 2)
+        if art.getbbox() is None:
+            return None
+        on_white(art).save(dst)
+        return dst
+    except Exception:  # unrenderable or empty: skipped
+        return None
+
+
+def build_icons(tree: SourceTree, out: Path, packages: Iterable[str], processes: int = 2,
+                progress: bool = True) -> dict:
+    """world/icons: named pictograms, 64x64 black on white, with pairs.jsonl (name, concept, keywords)."""
+    items = [it for pkg in packages for it in iconify_items(tree, pkg)]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for it in items:
+        it["image"] = f"icons/images/{it['set']}/{it['icon']}.png"
+        (out / "images" / it["set"]).mkdir(exist_ok=True)
+        jobs.append((icon_svg(it["body"], it["width"], it["height"]),
+                     str(out / "images" / it["set"] / f"{it['icon']}.png")))
+    done = set(run_jobs(_icon_job, jobs, processes, progress, "world: icon images", chunksize=64))
+    rows = [{"image": it["image"], "style": it["set"], "icon": it["icon"], "name": it["name"],
+             "concept": f"icon:{it['name']}", "keywords": it["keywords"]}
+            for it, job in zip(items, jobs, strict=True) if job[1] in done]
+    if not rows:
+        raise GramvlError(f"no icons could be rendered from {tree.root}")
+    _write_jsonl(out / "pairs.jsonl", rows)
+    return {"pairs": len(rows), "concepts": len({r["concept"] for r in rows}),
+            "by_set": dict(Counter(r["style"] for r in rows)), "failed_renders": len(items) - len(rows)}
+
+
 # ---------------------------------------------------------------- meta-training corpus (openclipart + tuxpaint)
 
 _DC_TITLE = re.compile(r"<dc:title>(.*?)</dc:title>", re.S)

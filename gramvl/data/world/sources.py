@@ -53,7 +53,26 @@ SOURCES: tuple[Source, ...] = (
            "6db6c1bfc870a47f1499d6203b083522eacb57c5f9c87d468f2e92eb6d9d5f34",
            "GPL-2+ (Bill Kendrick and Tux Paint contributors)", "meta"),
 )
-SOURCE_BY_NAME = {s.name: s for s in SOURCES}
+# The optional icon corpus (`gramvl world build --icons`): named monochrome pictograms that widen the small
+# CLIP's pre-training corpus (docs/data.md). Not part of the default world, so its build and tests need none.
+ICON_SOURCES: tuple[Source, ...] = (
+    Source("@iconify-json/game-icons", "npm", "1.2.4",
+           "f5758efb34d91c4f50b941f355f16ee73938625e5996fabc25171288404460a4",
+           "icons: CC-BY-3.0 (game-icons.net authors: Lorc, Delapouite and contributors); packaging: MIT (Iconify)",
+           "pretrain icons"),
+    Source("@iconify-json/mdi", "npm", "1.2.3",
+           "ddd817a7213f91de51147943915c0cda8c8b818a53c92b5c068cfa9883c6d7ac",
+           "icons: Apache-2.0 (Pictogrammers, Material Design Icons); packaging: MIT (Iconify)", "pretrain icons"),
+    Source("@iconify-json/tabler", "npm", "1.2.41",
+           "3bf99af156d28d05568aff524a35ed1ba238df640a7835a5e02e1f8e439685f6",
+           "icons: MIT (Paweł Kuna, Tabler Icons); packaging: MIT (Iconify)", "pretrain icons"),
+)
+SOURCE_BY_NAME = {s.name: s for s in SOURCES + ICON_SOURCES}
+
+
+def archive_stem(name: str) -> str:
+    """The file-name form of a package name (`npm pack` writes @scope/name as scope-name-VERSION.tgz)."""
+    return name.lstrip("@").replace("/", "-")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -73,7 +92,7 @@ def fetch_command(src: Source) -> list[str]:
 
 
 def _archive_glob(src: Source) -> str:
-    return f"{src.name}-*.tgz" if src.kind == "npm" else f"{src.name}_*.deb"
+    return f"{archive_stem(src.name)}-*.tgz" if src.kind == "npm" else f"{src.name}_*.deb"
 
 
 def _fail(src: Source, what: str) -> GramvlError:
@@ -121,6 +140,9 @@ def _wanted(src: Source) -> Callable[[str], bool]:
         style = n.rsplit("-", 1)[1]
         return lambda p: (p in ("package/emoji.json", "package/LICENSE", "package/README.md")
                           or (p.startswith(f"package/img/{style}/64/") and p.endswith(".png")))
+    if n.startswith("@iconify-json/"):
+        return lambda p: p in ("package/icons.json", "package/info.json", "package/metadata.json",
+                               "package/package.json")
     if n == "openmoji":
         return lambda p: (p in ("package/data/openmoji.csv", "package/LICENSE.txt", "package/README.md")
                           or (p.startswith(("package/color/svg/", "package/black/svg/")) and p.endswith(".svg")))
@@ -154,7 +176,7 @@ def _extract_stream(tf: tarfile.TarFile, out: Path, wanted: Callable[[str], bool
 
 def extract_source(src: Source, archive: Path, out: Path) -> Path:
     """Extract the members the builder needs from `archive` into `out/<package name>/`; return that folder."""
-    root = out / src.name
+    root = out / archive_stem(src.name)
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -209,6 +231,12 @@ class SourceTree:
     @property
     def openclipart_dir(self) -> Path:
         return self.root / "openclipart-svg" / "usr" / "share" / "openclipart" / "svg"
+
+    def iconify_json(self, name: str) -> Path:
+        return self.root / archive_stem(name) / "package" / "icons.json"
+
+    def iconify_metadata(self, name: str) -> Path:
+        return self.root / archive_stem(name) / "package" / "metadata.json"
 
     @property
     def tuxpaint_dir(self) -> Path:
