@@ -679,6 +679,11 @@ def load_backbone(model: str = SMALL_NAME, weights: str | Path | None = None, de
     import open_clip
 
     if model in SMALL_MODELS or str(model).endswith(".safetensors"):
+        if weights is not None:  # `--model small --weights FILE`: FILE is a small-CLIP checkpoint
+            if not str(weights).endswith(".safetensors"):
+                raise GramvlError(f"--weights {weights} for the small CLIP must be a gramvl small-CLIP "
+                                  f".safetensors file (with its .json sidecar)")
+            model = str(weights)
         path, side = small_model_paths(model)
         if not path.is_file() or not side.is_file():
             raise GramvlError(f"small CLIP checkpoint not found at {path} (+ {side.name}); it ships with the "

@@ -225,3 +225,25 @@ def test_class_token_only_last_block_keeps_prompted_image_features(vit_b16):
     ga = torch.autograd.grad(fast.sum(), [prompts, *deep])
     gb = torch.autograd.grad(slow.sum(), [prompts, *deep])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ga, gb, strict=True))
+
+
+def test_small_with_weights_loads_that_file_not_the_packaged_one(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gramvl.backbone import small_model_paths
+
+    src, side = small_model_paths()
+    sd = load_file(str(src))
+    sd["logit_scale"] = sd["logit_scale"] + 1.0
+    other = tmp_path / "other.safetensors"
+    save_file(sd, str(other))
+    shutil.copy(side, other.with_suffix(".json"))
+    bb = load_backbone("small", other)
+    assert bb.ident == load_backbone(str(other)).ident != load_backbone("small").ident
+    assert float(bb.model.logit_scale) == pytest.approx(float(sd["logit_scale"].float()))
+    with pytest.raises(GramvlError, match="small CLIP checkpoint not found"):
+        load_backbone("small", tmp_path / "nope.safetensors")
+    with pytest.raises(GramvlError, match="must be a gramvl small-CLIP .safetensors"):
+        load_backbone("small", tmp_path / "model.pt")
