@@ -655,6 +655,14 @@ def small_model_paths(path: str | Path | None = None) -> tuple[Path, Path]:
     return p, p.with_suffix(".json")
 
 
+def small_model_ident(name: str = SMALL_NAME) -> str:
+    """The ident (`gramvl-small:<digest>`) a packaged small CLIP loads with, without loading it."""
+    path, _ = small_model_paths(name)
+    if not path.is_file():
+        raise GramvlError(f"small CLIP checkpoint not found at {path}")
+    return f"gramvl-small:{_file_digest(path)}"
+
+
 def build_small_clip(config: dict) -> nn.Module:
     """Instantiate an open_clip CLIP from our JSON config's `model_cfg` (random init)."""
     import open_clip

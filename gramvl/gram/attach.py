@@ -18,12 +18,21 @@ PARTS = ("both", "init", "regulator")
 
 
 def resolve_artifact(path: str | Path) -> Path:
-    """'default' names the artifact shipped with the package (meta-trained for CoOp-family hosts on the
-    packaged small CLIP); anything else is a file path."""
+    """'default' names the artifact shipped with the package for the default packaged small CLIP
+    (meta-trained for CoOp-family hosts): the `gramvl/assets/gram_coop*.safetensors` whose sidecar names that
+    model as its backbone. Anything else is a file path."""
     if str(path) == "default":
+        import json
+
+        from gramvl.backbone import small_model_ident
         from gramvl.paths import assets_dir
 
-        return assets_dir() / "gram_coop.safetensors"
+        want = small_model_ident()
+        for side in sorted(assets_dir().glob("gram_coop*.json")):
+            if json.loads(side.read_text()).get("backbone") == want:
+                return side.with_suffix(".safetensors")
+        raise GramvlError(f"no shipped GRAM artifact was meta-trained on the packaged small CLIP ({want}); "
+                          f"pass an artifact file with --gram (make one with `gramvl meta-train`)")
     return Path(path)
 
 
