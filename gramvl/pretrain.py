@@ -56,6 +56,8 @@ class PretrainConfig:
     caption_positives: bool = False  # a caption shared by several emoji is a positive for all of them
     # session 7 (docs/pretraining.md): the optional icon corpus and continuing from a checkpoint
     icons: float = 0.0  # share of each batch drawn from the icon corpus (0 = emoji only)
+    photo_aug: float = 0.0  # share of images drawn as grey objects on a dark background (augment's `photo`)
+    val_limit: int = 600  # at most this many val images per set for checkpoint choice
     init: str = ""  # a small-CLIP .safetensors to start from (its architecture must match)
     eval_every: int = 250
     seed: int = 0
@@ -102,8 +104,12 @@ def load_corpus_images(pairs: list[dict], size: int) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def augment(x: torch.Tensor, out_size: int, g: torch.Generator) -> torch.Tensor:
-    """Batched style and geometry augmentation of uint8 images -> float images in [0, 1]."""
+def augment(x: torch.Tensor, out_size: int, g: torch.Generator, photo: float = 0.0) -> torch.Tensor:
+    """Batched style and geometry augmentation of uint8 images -> float images in [0, 1].
+
+    `photo`: share of images drawn as grey objects on a dark background, their own tones kept (a product
+    photo on black; a dark drawing is inverted first so that it stays visible). 0 = the packaged model's
+    recipe, which reached light-on-dark only by inverting whole images."""
     B = x.shape[0]
     x = x.float() / 255.0
 
@@ -161,6 +167,15 @@ def augment(x: torch.Tensor, out_size: int, g: torch.Generator) -> torch.Tensor:
     # inversion: light-on-dark
     m_inv = pick(0.3)
     x = m_inv * (1 - x) + (1 - m_inv) * x
+    if photo > 0:  # grey object on a near-black background, soft (no crisp outlines)
+        m_ph = pick(photo) * (1 - m_line)
+        obj = 1.0 - bg
+        lum = gx[:, :1]
+        dark_obj = ((lum * obj).sum((2, 3), keepdim=True) / obj.sum((2, 3), keepdim=True).clamp(min=1)) < 0.4
+        lum = torch.where(dark_obj, 1.0 - lum, lum)
+        lum = F.avg_pool2d(lum, 3, 1, 1) * 0.5 + lum * 0.5
+        ph = (lum * obj + 0.12 * r(B, 1, 1, 1) * bg).expand(B, 3, -1, -1)
+        x = m_ph * ph + (1 - m_ph) * x
     x = x + 0.03 * r(B, 1, 1, 1) * torch.randn(x.shape, generator=g)
     return x.clamp(0, 1)
 
@@ -229,7 +244,7 @@ def load_val_sets(names: list[str], size: int, mean, std, limit: int = 600) -> d
 
 
 def val_score(acc: dict) -> float:
-    """Mean over style groups (colour, line art, photos) of accuracy / chance: robust across styles."""
+    """Mean over style groups (colour, line art, photos) of the groups' mean accuracy: every style counts."""
     groups: dict[str, list[float]] = {}
     for k, v in acc.items():
         g = "lineart" if k.endswith("-lineart") else ("photo" if "mnist" in k else "colour")
@@ -326,7 +341,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     ema = {k: v.detach().clone() for k, v in net.named_parameters()} if cfg.ema > 0 else None
 
     val_names = cfg.val_sets
-    val = load_val_sets(val_names, cfg.image_size, cfg.mean, cfg.std) if val_names else {}
+    val = load_val_sets(val_names, cfg.image_size, cfg.mean, cfg.std, cfg.val_limit) if val_names else {}
 
     scale_params = [net.logit_scale]
     decay = [p for n, p in net.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -401,7 +416,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = sample_pairs(g, cfg.batch_size, n_emoji, len(pairs) - n_emoji, cfg.icons)
         cap_idx = starts[idx] + (torch.rand(cfg.batch_size, generator=g) * (starts[idx + 1] - starts[idx])).long()
-        imgs = normalize_images(augment(images[idx], cfg.image_size, g), cfg.mean, cfg.std)
+        imgs = normalize_images(augment(images[idx], cfg.image_size, g, cfg.photo_aug), cfg.mean, cfg.std)
         text = cap_tokens[cap_idx]
         lr_mult = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for gr, lr0 in zip(opt.param_groups, base_lrs, strict=True):

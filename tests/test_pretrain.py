@@ -73,3 +73,20 @@ def test_init_loads_a_checkpoint_and_refuses_another_architecture(tmp_path):
         load_init(build_small_clip(other), tmp_path / "a.safetensors", other["model_cfg"])
     with pytest.raises(GramvlError, match="does not exist"):
         load_init(dst, tmp_path / "missing.safetensors", side["model_cfg"])
+
+
+def test_photo_augmentation_draws_objects_on_a_dark_background():
+    from gramvl.pretrain import augment
+
+    x = torch.full((64, 3, 40, 40), 255, dtype=torch.uint8)
+    x[:, :, 12:28, 12:28] = 160                      # a mid-grey object on white
+    plain = augment(x, 32, torch.Generator().manual_seed(0))
+    again = augment(x, 32, torch.Generator().manual_seed(0), photo=0.0)
+    assert torch.equal(plain, again)                 # photo = 0 keeps the packaged recipe's random stream
+    photo = augment(x, 32, torch.Generator().manual_seed(0), photo=1.0)
+    corners = photo[:, :, :3, :3].mean((1, 2, 3))
+    centre = photo[:, :, 14:18, 14:18].mean((1, 2, 3))
+    # every image that is not line art (line art: 20%) is an object lighter than its near-black background
+    dark = corners < 0.15
+    assert dark.float().mean() > 0.6 and (centre[dark] > corners[dark] + 0.3).all()
+    assert photo.min() >= 0 and photo.max() <= 1
