@@ -28,9 +28,10 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SMALL_NAME = "small"
 SMALL_FILE = "small_clip.safetensors"
-# packaged small CLIPs by name (`small` is the default); a replaced model would stay here under its own
-# name so that the results made with it (docs/results/) can still be reproduced
-SMALL_MODELS = {SMALL_NAME: SMALL_FILE}
+# packaged small CLIPs by name (`small` is the default). A replaced model stays here under its own name so
+# that the results made with it can still be reproduced: `small-v1` (gramvl-small:df9e3fa9681d) made every
+# table of sessions 1-6 in docs/results/; session 7 replaced it (docs/pretraining.md).
+SMALL_MODELS = {SMALL_NAME: SMALL_FILE, "small-v1": "small_clip_v1.safetensors"}
 
 
 @dataclass

@@ -247,3 +247,14 @@ def test_small_with_weights_loads_that_file_not_the_packaged_one(tmp_path):
         load_backbone("small", tmp_path / "nope.safetensors")
     with pytest.raises(GramvlError, match="must be a gramvl small-CLIP .safetensors"):
         load_backbone("small", tmp_path / "model.pt")
+
+
+def test_both_packaged_small_clips_load_by_name():
+    from gramvl.backbone import SMALL_MODELS, small_model_ident
+
+    assert set(SMALL_MODELS) == {"small", "small-v1"}
+    # small-v1 made every table of sessions 1-6 (docs/results/ name it by this ident)
+    assert small_model_ident("small-v1") == "gramvl-small:df9e3fa9681d"
+    assert small_model_ident("small") != small_model_ident("small-v1")
+    v1 = load_backbone("small-v1")
+    assert v1.ident == "gramvl-small:df9e3fa9681d" and v1.meta["model_cfg"] == load_backbone("small").meta["model_cfg"]
