@@ -20,7 +20,7 @@ META_BUDGET=${META_BUDGET:-60}
 export GRAMVL_HOME=${GRAMVL_HOME:-$PWD/.gpu/home} PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 mkdir -p "$O/logs" "$O/smoke"
 T=folder:$PWD/.gpu/toy
-A=gramvl/assets/gram_coop.safetensors
+A=gramvl/assets/gram_coop_v2.safetensors  # the default artifact of the packaged small CLIP (session 7)
 PARTS=${*:-smoke memory meta}
 
 step() {  # step NAME TIMEOUT_S ARGS... : one gramvl command, its log, rc and seconds

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark runs behind docs/results/, as they were made in session 1 (2 CPU cores, packaged small CLIP).
+# Sessions 1-6 ran with the small CLIP that is now `small-v1` (gramvl/assets/small_clip_v1.safetensors): to
+# reproduce one of their lines, add `--model small-v1` (meta-train, protocols.py, zeroshot.py, tta.py).
 # Each python script writes its own JSON + markdown table into docs/results/. Runs marked "&" ran side by side
 # (one thread each); wall times in the tables are therefore under load.
 set -euo pipefail
@@ -330,3 +332,23 @@ eval $P3 --name fewshot_linear_probe_4ds --protocol fewshot --datasets emoji-nat
 OMP_NUM_THREADS=1 $PY benchmarks/tta_ablations.py --full runs/bench-tta/meta_tta.safetensors --limit 100 --quiet
 # every host with and without GRAM across the protocols (from the summaries above)
 $PY benchmarks/gram_summary.py
+# ---- session 7: the small CLIP retrained with the icon corpus (docs/pretraining.md has the three pretrain legs) ----
+VAL="emoji-activities emoji-animals emoji-faces emoji-food emoji-nature emoji-objects emoji-travel emoji-activities-lineart \
+    emoji-animals-lineart emoji-faces-lineart emoji-food-lineart emoji-nature-lineart emoji-objects-lineart emoji-travel-lineart fashion-mnist"
+$PY -m gramvl world build --icons
+V="OMP_NUM_THREADS=2 $PY -m gramvl --quiet pretrain --batch-size 128 --warmup 100 --eval-every 200 --icons 0.4 --val-sets $VAL"
+eval $V --out runs/pretrain_s7_icons --steps 1400 --lr 5e-4 --init gramvl/assets/small_clip_v1.safetensors
+eval $V --out runs/pretrain_s7_icons_b --steps 2000 --lr 5e-4 --init runs/pretrain_s7_icons/best.safetensors
+eval $V --out runs/pretrain_s7_icons_c --steps 1200 --lr 3e-4 --photo-aug 0.15 --val-limit 2000 --init runs/pretrain_s7_icons_b/best.safetensors
+cp runs/pretrain_s7_icons_c/best.safetensors gramvl/assets/small_clip.safetensors
+cp runs/pretrain_s7_icons_c/best.json gramvl/assets/small_clip.json
+OMP_NUM_THREADS=1 $PY benchmarks/zeroshot.py --seeds 1 2 3 &
+OMP_NUM_THREADS=1 $PY -m gramvl --quiet meta-train --host coop --steps 600 --out runs/gram7/coop.safetensors   # = assets/gram_coop_v2
+wait
+G=gramvl/assets/gram_coop_v2.safetensors
+P1="OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 2 3"
+(eval $P1 --name base2new_zs_v2 --protocol base2new --methods zeroshot && \
+ eval $P1 --name base2new_coop_gram_v2 --protocol base2new --methods coop --gram $G --lr-control 0.95) &
+eval $P1 --name fewshot1_coop_v2 --protocol fewshot --shots 1 --methods zeroshot coop
+eval $P1 --name fewshot1_coop_gram_v2 --protocol fewshot --shots 1 --methods coop --gram-only --gram $G
+wait
