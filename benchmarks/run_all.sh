@@ -352,3 +352,6 @@ P1="OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seed
 eval $P1 --name fewshot1_coop_v2 --protocol fewshot --shots 1 --methods zeroshot coop
 eval $P1 --name fewshot1_coop_gram_v2 --protocol fewshot --shots 1 --methods coop --gram-only --gram $G
 wait
+eval $P1 --name fewshot1_coop4_v2 --protocol fewshot --shots 1 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'" &
+eval $P1 --name fewshot16_coop_v2 --protocol fewshot --shots 16 --methods zeroshot coop
+wait
