@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gramvl.backbone import Backbone
 from gramvl.errors import GramvlError
-from gramvl.gram.cmhc import CMHCConfig, Hierarchy, cmhc
+from gramvl.gram.cmhc import CMHCConfig, Hierarchy, cmhc, faiss_available
 from gramvl.gram.corpus import CorpusFeatures, encode_corpus
 from gramvl.gram.meta import CorpusBatches, MetaConfig, meta_train
 from gramvl.gram.shards import (
@@ -141,5 +141,8 @@ def run_meta_train(job: MetaTrainJob, out: str | Path, bb: Backbone | None = Non
     extra = {"corpus": job.corpus, "pairs": len(feats), "hierarchy": job.hierarchy,
              "hierarchy_summary": {"domains": len(hier.domains()), "leaves": len(hier.leaves())},
              "task_config": asdict(job.tasks), "cmhc_config": asdict(job.cmhc),
+             # which k-means ran (use_faiss='auto' picks faiss when importable): the two give different
+             # hierarchies, hence different meta-tasks and artifacts
+             "kmeans_backend": "faiss" if job.cmhc.use_faiss is not False and faiss_available() else "torch",
              "timing": {"features_s": round(t_feat, 1), "clustering_s": round(t_clu, 1)}}
     return meta_train(job.meta, host, sampler, data, out, extra_meta=extra, progress=progress)
