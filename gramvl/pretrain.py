@@ -278,17 +278,9 @@ def load_init(net: torch.nn.Module, path: str | Path, model_cfg: dict) -> str:
     if missing or unexpected:
         raise GramvlError(f"--init checkpoint {path} does not match the model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
-    return f"{path.name}:{_digest(path)}"
+    from gramvl.data.world.sources import sha256_file
 
-
-def _digest(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return f"{path.name}:{sha256_file(path)[:12]}"
 
 
 def _sidecar(cfg: PretrainConfig, extra: dict) -> dict:
