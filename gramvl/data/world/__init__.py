@@ -17,7 +17,6 @@ from pathlib import Path
 from gramvl.data.base import ImageDataset, load_folder
 from gramvl.data.world.build import (
     BUILDER_VERSION,
-    ICONS_PART_VERSION,
     PART_VERSIONS,
     build_datasets,
     build_icons,
@@ -67,8 +66,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _part_done(world: Path, part: str) -> dict | None:
     info = _read_json(world / part / PART_FILE)
-    want = ICONS_PART_VERSION if part == "icons" else PART_VERSIONS[part]
-    return info if info and info.get("part_version") == want else None
+    return info if info and info.get("part_version") == PART_VERSIONS[part] else None
 
 
 @contextlib.contextmanager
@@ -173,7 +171,7 @@ def build_icon_part(force: bool = False, progress: bool = True, processes: int =
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         counts = build_icons(tree, tmp, [s.name for s in ICON_SOURCES], processes=processes, progress=progress)
-        write_json(tmp / PART_FILE, {"part_version": ICONS_PART_VERSION, "counts": counts, "sources": sources,
+        write_json(tmp / PART_FILE, {"part_version": PART_VERSIONS["icons"], "counts": counts, "sources": sources,
                                      "seconds": round(time.time() - t0, 1)})
         swap_in(tmp, world / "icons")
         shutil.rmtree(work, ignore_errors=True)

@@ -26,7 +26,8 @@ from gramvl.errors import GramvlError
 from gramvl.io import write_json
 
 # bumped when a part's output changes; build_world rebuilds only the parts whose version differs
-PART_VERSIONS = {"pretrain": 1, "datasets": 1, "meta": 3}
+# (the optional icons part is built on its own and is not in BUILDER_VERSION: the default world needs none)
+PART_VERSIONS = {"pretrain": 1, "datasets": 1, "meta": 3, "icons": 1}
 BUILDER_VERSION = "1." + ".".join(str(PART_VERSIONS[p]) for p in ("pretrain", "datasets", "meta"))
 PRETRAIN_STYLES = ("google", "twitter")
 SPLIT_COUNTS = {"train": 20, "val": 5, "test": 15}
@@ -182,7 +183,6 @@ def build_pretrain(tree: SourceTree, out: Path, processes: int = 2, progress: bo
 
 # ---------------------------------------------------------------- optional icon corpus (iconify icon sets)
 
-ICONS_PART_VERSION = 1
 ICONS_PER_CONCEPT = 2   # at most this many variants (e.g. filled and outline) of one name per icon set
 # trailing name tokens that mark a drawing variant of the same thing ("shirt-filled", "a-b-2")
 _ICON_VARIANT = {"outline", "outlined", "filled", "fill", "solid", "alt", "variant", "sharp", "rounded", "thin",
