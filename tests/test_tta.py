@@ -410,3 +410,13 @@ def test_augmix_views_are_deterministic_per_seed_and_sample(small_random_backbon
     assert a.shape == (6, 3, bb.image_size, bb.image_size) and torch.isfinite(a).all()
     assert torch.equal(a, aug(_image(0, 48), sample_generator(1, 7)))
     assert not torch.equal(a, ViewAugmenter(bb, 6)(_image(0, 48), sample_generator(1, 7)))
+
+
+def test_gram_default_names_the_shipped_artifact_at_test_time(small_packaged):
+    """`gramvl tta --gram default` read the artifact's tensors a second time from the literal path 'default'."""
+    from gramvl.gram.attach import resolve_artifact
+    from gramvl.tta.tpt import gram_init
+
+    init = gram_init(small_packaged, "default")
+    assert init.source == f"gram:{resolve_artifact('default')}" and init.regulator is not None
+    assert init.ctx.shape[-1] == small_packaged.text_width

@@ -312,11 +312,12 @@ def prompt_file_init(bb: Backbone, path: str | Path, n_ctx: int | None = None) -
 def gram_init(bb: Backbone, path: str | Path, parts: str = "both", words: str = HAND_PROMPT,
               n_ctx: int | None = None, structure: bool = True) -> ContextInit:
     """θ* (text_ctx) and/or ψ* of a GRAM artifact; a test-time artifact also brings its prototypes."""
-    from gramvl.gram.attach import load_artifact
+    from gramvl.gram.attach import load_artifact, resolve_artifact
     from gramvl.io import load_tensors
 
     if parts not in GRAM_PARTS:
         raise GramvlError(f"--gram-parts must be one of {', '.join(GRAM_PARTS)}, not {parts!r}")
+    path = resolve_artifact(path)  # 'default' -> the shipped artifact of the packaged model
     theta, psi, meta = load_artifact(path)
     if meta.get("backbone") != bb.ident:
         raise GramvlError(f"checkpoint from another backbone: GRAM artifact {path} was meta-trained on "
