@@ -355,3 +355,5 @@ wait
 eval $P1 --name fewshot1_coop4_v2 --protocol fewshot --shots 1 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'" &
 eval $P1 --name fewshot16_coop_v2 --protocol fewshot --shots 16 --methods zeroshot coop
 wait
+# CoOp's lr on the new model's val split (is the 1-shot collapse the recipe?)
+OMP_NUM_THREADS=2 $PY benchmarks/tune_small.py --methods coop --mults 0.1 0.3 1 --shots 1 16 --name tuning_small_v2_coop
