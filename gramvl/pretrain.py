@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gramvl.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, build_small_clip, small_tokenizer
+from gramvl.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, _load_into, build_small_clip, small_tokenizer
+from gramvl.data.world.sources import sha256_file
 from gramvl.errors import GramvlError
 from gramvl.io import load_tensors, save_tensors, write_json
 
@@ -272,13 +273,8 @@ def load_init(net: torch.nn.Module, path: str | Path, model_cfg: dict) -> str:
     if not meta or meta.get("model_cfg") != model_cfg:
         raise GramvlError(f"--init checkpoint {path} has another architecture than this run "
                           f"({(meta or {}).get('model_cfg')} vs {model_cfg})")
-    sd = {k[6:] if k.startswith("model.") else k: v.float() for k, v in tensors.items()}
-    missing, unexpected = net.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("attn_mask")]
-    if missing or unexpected:
-        raise GramvlError(f"--init checkpoint {path} does not match the model: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-    from gramvl.data.world.sources import sha256_file
+    _load_into(net, {k[6:] if k.startswith("model.") else k: v.float() for k, v in tensors.items()},
+               f"--init checkpoint {path}")
 
     return f"{path.name}:{sha256_file(path)[:12]}"
 

@@ -312,13 +312,13 @@ def prompt_file_init(bb: Backbone, path: str | Path, n_ctx: int | None = None) -
 def gram_init(bb: Backbone, path: str | Path, parts: str = "both", words: str = HAND_PROMPT,
               n_ctx: int | None = None, structure: bool = True) -> ContextInit:
     """θ* (text_ctx) and/or ψ* of a GRAM artifact; a test-time artifact also brings its prototypes."""
-    from gramvl.gram.attach import load_artifact, resolve_artifact
-    from gramvl.io import load_tensors
+    from gramvl.gram.attach import _read_artifact, _theta_psi, resolve_artifact
 
     if parts not in GRAM_PARTS:
         raise GramvlError(f"--gram-parts must be one of {', '.join(GRAM_PARTS)}, not {parts!r}")
     path = resolve_artifact(path)  # 'default' -> the shipped artifact of the packaged model
-    theta, psi, meta = load_artifact(path)
+    tensors, meta = _read_artifact(path)  # read once: θ*, ψ* and the prototypes come from the same tensors
+    theta, psi = _theta_psi(tensors, meta)
     if meta.get("backbone") != bb.ident:
         raise GramvlError(f"checkpoint from another backbone: GRAM artifact {path} was meta-trained on "
                           f"{meta.get('backbone')}, the loaded model is {bb.ident}; re-run "
@@ -341,7 +341,6 @@ def gram_init(bb: Backbone, path: str | Path, parts: str = "both", words: str = 
             raise GramvlError(f"the regulator of {path} acts on rows of width {reg.dim}, the text context "
                               f"has width {bb.text_width}")
         init.regulator = reg
-        tensors, _ = load_tensors(path)
         if structure and reg.ctx_dim and "prototypes" in tensors:
             tau = float((meta.get("structure") or {}).get("tau", 0.1))
             init.structure = StructureContext(tensors["prototypes"], tau)

@@ -69,6 +69,19 @@ def _part_done(world: Path, part: str) -> dict | None:
     return info if info and info.get("part_version") == PART_VERSIONS[part] else None
 
 
+def _build_part(world: Path, part: str, build, info: dict) -> dict:
+    """Build one part in `world/.tmp-<part>` (build(tmp) -> counts), write its PART.json, rename it into place."""
+    tmp = world / f".tmp-{part}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t = time.time()
+    counts = build(tmp)
+    write_json(tmp / PART_FILE, {"part_version": PART_VERSIONS[part], **info, "counts": counts,
+                                 "seconds": round(time.time() - t, 1)})
+    swap_in(tmp, world / part)
+    return counts
+
+
 @contextlib.contextmanager
 def _build_lock(world: Path):
     world.mkdir(parents=True, exist_ok=True)
@@ -122,16 +135,10 @@ def build_world(force: bool = False, progress: bool = True, processes: int = 2) 
                 parts[part] = done["counts"]
                 continue
             need(names, extract=True)
-            tmp = world / f".tmp-{part}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
             t = time.time()
-            counts = builder(tree, tmp, processes=processes, progress=progress)
-            write_json(tmp / PART_FILE, {"part_version": PART_VERSIONS[part], "builder_version": BUILDER_VERSION,
-                                         "counts": counts,
-                                         "seconds": round(time.time() - t, 1)})
-            swap_in(tmp, world / part)
-            parts[part] = counts
+            parts[part] = _build_part(world, part, lambda tmp, b=builder: b(tree, tmp, processes=processes,
+                                                                              progress=progress),
+                                      {"builder_version": BUILDER_VERSION})
             say(f"world: {part} built in {time.time() - t:.0f} s")
         need(tuple(s.name for s in SOURCES), extract=False)  # record every archive, even of reused parts
         shutil.rmtree(work, ignore_errors=True)
@@ -167,13 +174,9 @@ def build_icon_part(force: bool = False, progress: bool = True, processes: int =
             extract_source(src, archive, tree.root)
             sources[src.name] = {"kind": src.kind, "version": src.version, "archive": f"sources/{archive.name}",
                                  "sha256": src.sha256, "license": src.license, "role": src.role}
-        tmp = world / ".tmp-icons"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        counts = build_icons(tree, tmp, [s.name for s in ICON_SOURCES], processes=processes, progress=progress)
-        write_json(tmp / PART_FILE, {"part_version": PART_VERSIONS["icons"], "counts": counts, "sources": sources,
-                                     "seconds": round(time.time() - t0, 1)})
-        swap_in(tmp, world / "icons")
+        names = [s.name for s in ICON_SOURCES]
+        counts = _build_part(world, "icons", lambda tmp: build_icons(tree, tmp, names, processes=processes,
+                                                                     progress=progress), {"sources": sources})
         shutil.rmtree(work, ignore_errors=True)
         say(f"world: icons built in {time.time() - t0:.0f} s ({counts['pairs']} icons)")
     return world / "icons"
