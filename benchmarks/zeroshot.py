@@ -58,11 +58,13 @@ def main() -> None:
                 lp.append(float((probe.logits({"features": fte}).argmax(1) == yte).float().mean()))
         results[name] = {"domain": test.domain, "classes": test.num_classes, "test_images": len(test),
                          "chance": 1 / test.num_classes, "zeroshot": zs["accuracy"],
-                         "zeroshot_ensemble": ens["accuracy"], "linear_probe_mean": float(np.mean(lp)),
+                         "zeroshot_ensemble": ens["accuracy"], "zeroshot_loss": zs["loss"],
+                         "uniform_loss": zs["uniform_loss"], "linear_probe_mean": float(np.mean(lp)),
                          "linear_probe_std": float(np.std(lp)), "linear_probe_seeds": lp}
         r = results[name]
         rows.append([name, r["domain"], r["classes"], f"{100 * r['chance']:.2f}", f"{100 * r['zeroshot']:.2f}",
                      f"{r['zeroshot'] / r['chance']:.1f}x", f"{100 * r['zeroshot_ensemble']:.2f}",
+                     f"{r['zeroshot_loss']:.2f} ({r['uniform_loss']:.2f})",
                      f"{100 * r['linear_probe_mean']:.2f} ± {100 * r['linear_probe_std']:.2f}"])
         print(rows[-1], flush=True)
 
@@ -75,6 +77,8 @@ def main() -> None:
         "lineart_mean_x_chance": group_mean(lambda n: n.endswith("-lineart"), "zeroshot"),
         "fashion_mnist_zeroshot": results.get("fashion-mnist", {}).get("zeroshot"),
         "logit_scale": float(bb.logit_scale),
+        "sets_with_loss_under_uniform": sum(results[n]["zeroshot_loss"] < results[n]["uniform_loss"] for n in names),
+        "sets": len(names),
     }
     record = {"model": bb.ident, "describe": bb.describe(), "seeds": args.seeds, "shots": args.shots,
               "results": results, "summary": summary, "versions": versions(), "seconds": time.time() - t0,
@@ -83,14 +87,16 @@ def main() -> None:
     write_json(out / "zeroshot.json", record)
     md = ["# Zero-shot and linear probe of the packaged small CLIP\n\n",
           f"Model `{bb.ident}`, learned logit scale {float(bb.logit_scale):.1f}. Test splits; template "
-          "'a photo of a {}.' (and gramvl's 8-template ensemble). Linear probe: "
+          "'a photo of a {}.' (and gramvl's 8-template ensemble). Zero-shot loss: the test cross-entropy of the "
+          "model's own scaled logits, where prompt tuning starts; the uniform guess scores log C. Linear probe: "
           f"{args.shots}-shot logistic regression on frozen features, L2 chosen on a 4-shot val split, "
           f"mean ± std over seeds {args.seeds}.\n\n",
           markdown_table(["dataset", "domain", "classes", "chance %", "zero-shot %", "x chance",
-                          "ensemble %", f"{args.shots}-shot linear probe %"], rows),
+                          "ensemble %", "zero-shot loss (log C)", f"{args.shots}-shot linear probe %"], rows),
           f"\nMean zero-shot / chance: OpenMoji colour {summary['colour_mean_x_chance']:.1f}x, line art "
           f"{summary['lineart_mean_x_chance']:.1f}x. Fashion-MNIST (light on dark, as published) "
-          f"{100 * (summary['fashion_mnist_zeroshot'] or 0):.2f}%.\n\n",
+          f"{100 * (summary['fashion_mnist_zeroshot'] or 0):.2f}%. Zero-shot loss under the uniform log C on "
+          f"{summary['sets_with_loss_under_uniform']} of {summary['sets']} sets.\n\n",
           f"Command: `python benchmarks/zeroshot.py`; wall time {time.time() - t0:.0f} s on 2 CPU cores; "
           f"gramvl commit {record['versions']['git_commit']}.\n"]
     write_text(out / "zeroshot.md", "".join(md))

@@ -96,7 +96,8 @@ def cmd_pretrain(args) -> int:
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                          eval_every=args.eval_every, val_sets=args.val_sets or [], ema=args.ema,
                          caption_positives=args.caption_positives, icons=args.icons, init=args.init or "",
-                         warmup=args.warmup, photo_aug=args.photo_aug, val_limit=args.val_limit)
+                         warmup=args.warmup, photo_aug=args.photo_aug, val_limit=args.val_limit,
+                         threads=args.threads)
     best = pretrain(cfg, args.out, progress=not args.quiet)
     print(f"best checkpoint: {best}")
     return 0
@@ -335,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--photo-aug", type=float, default=0.0,
                     help="share of images drawn as grey objects on a dark background (0: not used)")
     pt.add_argument("--val-limit", type=int, default=600, help="at most this many val images per set")
+    pt.add_argument("--threads", type=int, default=2,
+                    help="CPU threads (torch.set_num_threads); 1 lets two runs share a 2-core machine")
     pt.set_defaults(func=cmd_pretrain)
 
     tr = sub.add_parser("train", help="train one host on one dataset (few-shot), then evaluate")

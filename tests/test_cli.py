@@ -157,3 +157,24 @@ def test_protocol_names_a_corrupt_record_and_a_missing_artifact(tmp_path, capsys
                        "--datasets", f"folder:{root}", "--seeds", "1", "--shots", "1",
                        "--gram", str(tmp_path / "absent.safetensors"), "--out", str(tmp_path / "run2"))
     assert code == 2 and "GRAM artifact not found" in err and "absent.safetensors" in err
+
+
+def test_zeroshot_loss_is_the_cross_entropy_of_the_models_scaled_logits(tmp_path, small_random_backbone):
+    """The record's loss is what a prompt-tuning run starts from: CE of logit_scale * cos, compared to log C."""
+    import math
+
+    from gramvl.data.features import image_features
+    from gramvl.data.registry import get_dataset
+    from gramvl.engine.evaluate import evaluate_zeroshot, zeroshot_weights
+
+    ds = get_dataset(f"folder:{make_folder(tmp_path / 'ds')}", "test")
+    m = evaluate_zeroshot(small_random_backbone, ds, progress=False, cache=False)
+    feats, labels = image_features(small_random_backbone, ds, progress=False, cache=False)
+    w = zeroshot_weights(small_random_backbone, ds.classnames, ("a photo of a {}.",))
+    scale = float(small_random_backbone.logit_scale)
+    logp = torch.log_softmax(scale * feats @ w.T, dim=1)
+    expected = float(-logp[torch.arange(len(labels)), labels].mean())
+    assert m["loss"] == pytest.approx(expected, rel=1e-5)
+    assert m["uniform_loss"] == pytest.approx(math.log(2))
+    # a different scale gives a different loss: the metric does use the model's own scale
+    assert abs(float(torch.nn.functional.cross_entropy(2 * scale * feats @ w.T, labels)) - m["loss"]) > 1e-6

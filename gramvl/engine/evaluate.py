@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -39,6 +40,11 @@ def evaluate_zeroshot(bb: Backbone, ds: ImageDataset, templates=(DEFAULT_TEMPLAT
     t0 = time.time()
     feats, labels = image_features(bb, ds, progress=progress, cache=cache)
     w = zeroshot_weights(bb, ds.classnames, templates)
-    acc = accuracy(feats.to(w.device) @ w.T, labels.to(w.device))
+    cos = feats.to(w.device) @ w.T
+    labels = labels.to(w.device)
+    acc = accuracy(cos, labels)
+    # the loss a prompt-tuning run starts from: cross-entropy of the model's own scaled logits; a model is
+    # worth adapting when it is well under the uniform guess's log(C) (issue 2)
+    loss = float(torch.nn.functional.cross_entropy(float(bb.logit_scale) * cos.float(), labels)) if len(labels) else 0.0
     return {"accuracy": acc, "n": len(labels), "num_classes": ds.num_classes, "chance": 1.0 / ds.num_classes,
-            "seconds": round(time.time() - t0, 3)}
+            "loss": loss, "uniform_loss": math.log(ds.num_classes), "seconds": round(time.time() - t0, 3)}
