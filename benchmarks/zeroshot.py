@@ -34,8 +34,9 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--datasets", nargs="*", default=None)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     bb = load_backbone(args.model)
     names = args.datasets or embedded_dataset_names()
@@ -97,7 +98,8 @@ def main() -> None:
           f"{summary['lineart_mean_x_chance']:.1f}x. Fashion-MNIST (light on dark, as published) "
           f"{100 * (summary['fashion_mnist_zeroshot'] or 0):.2f}%. Zero-shot loss under the uniform log C on "
           f"{summary['sets_with_loss_under_uniform']} of {summary['sets']} sets.\n\n",
-          f"Command: `python benchmarks/zeroshot.py`; wall time {time.time() - t0:.0f} s on 2 CPU cores; "
+          f"Command: `python benchmarks/zeroshot.py`; wall time {time.time() - t0:.0f} s on {args.threads} CPU "
+          "thread(s); "
           f"gramvl commit {record['versions']['git_commit']}.\n"]
     write_text(out / "zeroshot.md", "".join(md))
     print(json.dumps(summary, indent=1))

@@ -190,6 +190,23 @@ def test_fake_tree_meta(tmp_path):
     for r in rows:
         im = Image.open(tmp_path / r["image"])
         assert im.size == (64, 64) and im.mode == "RGB"
+    # the broken file is not in the pinned skip list: skipped, but counted and named
+    broken = "openclipart-svg/usr/share/openclipart/svg/food/broken.svg"
+    assert c["unexpected_failures"] == 1 and c["unexpected_failed_files"] == [broken]
+    # pinned files are skipped without rendering (a valid one too), and the rest keep their image names
+    apple = "openclipart-svg/usr/share/openclipart/svg/food/red_apple_01.svg"
+    c2 = wb.build_meta(tree, tmp_path / "meta2", processes=1, progress=False, skip={broken, apple})
+    rows2 = [json.loads(line) for line in (tmp_path / "meta2" / "pairs.jsonl").read_text().splitlines()]
+    assert c2["skipped_pinned"] == 2 and c2["unexpected_failures"] == 0 and c2["pairs"] == 2
+    assert sorted(r["caption"] for r in rows2) == ["a big house", "a frog"]
+    assert {r["image"] for r in rows2} < {r["image"] for r in rows}
+
+
+def test_meta_skip_list_is_packaged_and_a_missing_one_is_named(tmp_path):
+    pinned = wb.read_meta_skip()
+    assert len(pinned) > 100 and all(p.startswith(("openclipart-svg/", "tuxpaint-stamps-default/")) for p in pinned)
+    with pytest.raises(GramvlError, match="skipped clip art is missing"):
+        wb.read_meta_skip(tmp_path / "none.txt")
 
 
 def test_real_world_if_built():
@@ -260,3 +277,30 @@ def test_icon_corpus_not_built_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("GRAMVL_HOME", str(tmp_path))
     with pytest.raises(GramvlError, match=r"icon corpus is not built.*gramvl world build --icons"):
         world.load_icon_pairs()
+
+
+_JOBS_SEEN: list[int] = []
+
+
+def _count_job(x: int) -> int:
+    """How many jobs this process ran before this one (its state as a later job sees it)."""
+    _JOBS_SEEN.append(x)
+    return len(_JOBS_SEEN) - 1
+
+
+def test_fresh_jobs_see_no_state_left_by_earlier_jobs():
+    # ordinary workers keep state from job to job; fresh ones start from this process's state every time
+    assert sorted(wb.run_jobs(_count_job, list(range(6)), processes=1, progress=False)) == [0, 1, 2, 3, 4, 5]
+    _JOBS_SEEN.clear()
+    for processes in (1, 2):
+        assert wb.run_jobs(_count_job, list(range(6)), processes=processes, progress=False, fresh=True) == [0] * 6
+    assert _JOBS_SEEN == []
+
+
+def test_svg_text_is_detected(tmp_path):
+    cases = {"t.svg": '<svg><text x="1">A</text></svg>', "n.svg": '<svg:svg><svg:text>A</svg:text></svg:svg>',
+             "p.svg": '<svg><path d="M0 0"/><g id="textured"/></svg>', "x.png": "<text>"}
+    for name, body in cases.items():
+        (tmp_path / name).write_text(body)
+    found = {n for n in cases if wb._has_svg_text(str(tmp_path / n))}
+    assert found == {"t.svg", "n.svg"}
