@@ -357,3 +357,28 @@ eval $P1 --name fewshot16_coop_v2 --protocol fewshot --shots 16 --methods zerosh
 wait
 # CoOp's lr on the new model's val split (is the 1-shot collapse the recipe?)
 OMP_NUM_THREADS=2 $PY benchmarks/tune_small.py --methods coop --mults 0.1 0.3 1 --shots 1 16 --name tuning_small_v2_coop
+
+# ---- session 8: one more leg from small-v2 (the shipped one, and its control without --caption-positives) ----
+# (the world's meta part is now v4: the same corpus on every machine; docs/data.md)
+$PY -m gramvl world build --icons
+L="OMP_NUM_THREADS=1 $PY -m gramvl --quiet pretrain --steps 1200 --batch-size 128 --lr 3e-4 --photo-aug 0.15 --val-limit 2000 \
+    --warmup 100 --eval-every 200 --icons 0.4 --init gramvl/assets/small_clip_v2.safetensors --threads 1 --val-sets $VAL"
+eval $L --out runs/pretrain_s8_d --caption-positives &
+eval $L --out runs/pretrain_s8_d0 &
+wait
+cp runs/pretrain_s8_d/best.safetensors gramvl/assets/small_clip.safetensors   # val 0.1757 against the control's 0.1751
+cp runs/pretrain_s8_d/best.json gramvl/assets/small_clip.json
+OMP_NUM_THREADS=1 $PY benchmarks/zeroshot.py --model runs/pretrain_s8_d/best.safetensors --out runs/zs_s8_d --threads 1 &
+OMP_NUM_THREADS=1 $PY benchmarks/zeroshot.py --model runs/pretrain_s8_d0/best.safetensors --out runs/zs_s8_d0 --threads 1 &
+wait   # -> docs/results/zeroshot.md and zeroshot_s8_control.md
+OMP_NUM_THREADS=2 $PY -m gramvl --quiet meta-train --host coop --steps 600 --out runs/gram8/coop.safetensors   # = assets/gram_coop_v3
+OMP_NUM_THREADS=1 $PY benchmarks/calibration.py --threads 1
+G=gramvl/assets/gram_coop_v3.safetensors
+(eval $P1 --name base2new_zs_v3 --protocol base2new --methods zeroshot && \
+ eval $P1 --name base2new_coop_gram_v3 --protocol base2new --methods coop --gram $G --lr-control 0.95) &
+eval $P1 --name fewshot1_coop_v3 --protocol fewshot --shots 1 --methods zeroshot coop
+eval $P1 --name fewshot1_coop_gram_v3 --protocol fewshot --shots 1 --methods coop --gram-only --gram $G
+wait
+eval $P1 --name fewshot1_coop4_v3 --protocol fewshot --shots 1 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'" &
+eval $P1 --name fewshot16_coop_v3 --protocol fewshot --shots 16 --methods zeroshot coop
+wait

@@ -30,8 +30,9 @@ SMALL_NAME = "small"
 SMALL_FILE = "small_clip.safetensors"
 # packaged small CLIPs by name (`small` is the default). A replaced model stays here under its own name so
 # that the results made with it can still be reproduced: `small-v1` (gramvl-small:df9e3fa9681d) made every
-# table of sessions 1-6 in docs/results/; session 7 replaced it (docs/pretraining.md).
-SMALL_MODELS = {SMALL_NAME: SMALL_FILE, "small-v1": "small_clip_v1.safetensors"}
+# table of sessions 1-6 in docs/results/; `small-v2` (gramvl-small:3ec54fee2231, session 7) made the `*_v2`
+# tables; session 8's model replaced it (docs/pretraining.md).
+SMALL_MODELS = {SMALL_NAME: SMALL_FILE, "small-v1": "small_clip_v1.safetensors", "small-v2": "small_clip_v2.safetensors"}
 
 
 @dataclass

@@ -17,7 +17,7 @@ DATA_PARALLEL_COMMANDS = ("train", "protocol", "meta-train")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="small", help="'small' (packaged CLIP; 'small-v1': the one of sessions 1-6), "
+    p.add_argument("--model", default="small", help="'small' (packaged CLIP; 'small-v1', 'small-v2': those of sessions 1-6 and 7), "
                    "a small-CLIP .safetensors file, or an open_clip architecture name (ViT-B-16, ...)")
     p.add_argument("--weights", default=None, help="local weights file for open_clip models (.pt/.bin/"
                    ".safetensors); 'random' for random init (tests only)")

@@ -249,12 +249,16 @@ def test_small_with_weights_loads_that_file_not_the_packaged_one(tmp_path):
         load_backbone("small", tmp_path / "model.pt")
 
 
-def test_both_packaged_small_clips_load_by_name():
+def test_every_packaged_small_clip_loads_by_name():
     from gramvl.backbone import SMALL_MODELS, small_model_ident
 
-    assert set(SMALL_MODELS) == {"small", "small-v1"}
-    # small-v1 made every table of sessions 1-6 (docs/results/ name it by this ident)
+    assert set(SMALL_MODELS) == {"small", "small-v1", "small-v2"}
+    # small-v1 made every table of sessions 1-6, small-v2 the session-7 `*_v2` tables (docs/results/ name them
+    # by these idents)
     assert small_model_ident("small-v1") == "gramvl-small:df9e3fa9681d"
-    assert small_model_ident("small") != small_model_ident("small-v1")
-    v1 = load_backbone("small-v1")
-    assert v1.ident == "gramvl-small:df9e3fa9681d" and v1.meta["model_cfg"] == load_backbone("small").meta["model_cfg"]
+    assert small_model_ident("small-v2") == "gramvl-small:3ec54fee2231"
+    assert len({small_model_ident(n) for n in SMALL_MODELS}) == 3
+    cfg = load_backbone("small").meta["model_cfg"]
+    for name, ident in (("small-v1", "gramvl-small:df9e3fa9681d"), ("small-v2", "gramvl-small:3ec54fee2231")):
+        old = load_backbone(name)
+        assert old.ident == ident and old.meta["model_cfg"] == cfg

@@ -369,6 +369,7 @@ def test_default_artifact_follows_the_packaged_model():
     from gramvl.paths import assets_dir
 
     assert json.loads(resolve_artifact("default").with_suffix(".json").read_text())["backbone"] == small_model_ident()
-    # the sessions 1-6 artifact stays, for small-v1 only
-    old = json.loads((assets_dir() / "gram_coop.json").read_text())
-    assert old["backbone"] == small_model_ident("small-v1") != small_model_ident()
+    # the older artifacts stay, each for its own model: sessions 1-6 (small-v1) and session 7 (small-v2)
+    for file, name in (("gram_coop.json", "small-v1"), ("gram_coop_v2.json", "small-v2")):
+        old = json.loads((assets_dir() / file).read_text())
+        assert old["backbone"] == small_model_ident(name) != small_model_ident()
