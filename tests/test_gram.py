@@ -164,18 +164,33 @@ def test_artifact_round_trips_and_records_diagnostics(tmp_path):
     assert not torch.allclose(theta["text_ctx"], ToyHost().text_ctx.detach())
 
 
-def test_meta_training_resumes_from_its_checkpoint(tmp_path):
-    _, out = _artifact(tmp_path, steps=2, checkpoint_every=1)
-    theta_a, _, meta_a = load_artifact(out)
-    # extending the run to 4 steps resumes at step 2 instead of starting over
-    host = ToyHost()
-    cfg = MetaConfig(host="toy", steps=4, meta_batch=2, inner_lr=0.5, checkpoint_every=1,
-                     theta_norm_cap=0.0)
-    ck = out.with_name(out.stem + ".ckpt.safetensors")
-    assert ck.is_file()
-    out2 = meta_train(cfg, host, ToySampler(), CorpusBatches(torch.randn(60, 6)), tmp_path / "gram2.safetensors",
-                      progress=False)
-    assert load_artifact(out2)[2]["steps_done"] == 4
+def test_meta_training_resumes_only_its_own_checkpoint(tmp_path, capsys):
+    from gramvl.io import load_tensors, save_tensors
+
+    cfg = MetaConfig(host="toy", steps=4, meta_batch=2, inner_lr=0.5, checkpoint_every=1, theta_norm_cap=0.0)
+    for ident, extra, resumes in (("toy-backbone", {"corpus": "world"}, True),
+                                  ("other-backbone", {"corpus": "world"}, False),
+                                  ("toy-backbone", {"corpus": "other"}, False)):
+        folder = tmp_path / f"{ident}-{extra['corpus']}"
+        folder.mkdir()
+        _, out = _artifact(folder, steps=4, checkpoint_every=1)
+        ck = out.with_name(out.stem + ".ckpt.safetensors")
+        tensors, meta = load_tensors(ck)
+        # make it a run of toy-backbone on "world" stopped after 2 of its 4 steps, and mark it
+        meta["fingerprint"] = {"backbone": "toy-backbone", "corpus": "world"}
+        meta["step"], meta["history"], meta["seconds"] = 2, meta["history"][:2], 1000.0
+        save_tensors(ck, tensors, meta)
+        host = ToyHost()
+        host.bb = type(host.bb)(ident=ident)
+        capsys.readouterr()
+        out2 = meta_train(cfg, host, ToySampler(), CorpusBatches(torch.randn(60, 6)), out, extra_meta=extra,
+                          progress=False)
+        art = load_artifact(out2)[2]
+        assert art["steps_done"] == 4
+        # resumed: the marked checkpoint's seconds carry over; otherwise the run started over, and said why
+        assert (art["seconds"] >= 1000.0) == resumes, (ident, extra)
+        assert ("starting over" in capsys.readouterr().out) == (not resumes)
+        assert load_tensors(ck)[1]["fingerprint"] == {"backbone": ident, **extra}
 
 
 def test_attach_changes_exactly_the_slot_gradients(tmp_path):

@@ -1,5 +1,6 @@
 """The outer-loop scaffold shared by meta-training (gram/meta.py) and meta-training for test time
-(tta/meta_tta.py): resume from a checkpoint written with the same config, a task RNG that depends only on
+(tta/meta_tta.py): resume from a checkpoint written with the same config and fingerprint (backbone and
+meta-training data), a task RNG that depends only on
 the seed and the step resumed at, the progress bar and per-step history, checkpoints every
 `checkpoint_every` steps and at the end, an optional wall-clock budget, and the sidecar fields every
 artifact carries (config, steps done, seconds, training curve).
@@ -57,13 +58,18 @@ def slot_tensors(theta: dict[str, torch.Tensor], psi: torch.nn.Module | None) ->
     return tensors
 
 
-def resume_checkpoint(ckpt: Path, cfg, theta: dict[str, torch.Tensor], psi) -> tuple[int, float, list] | None:
-    """Load θ and ψ from a meta-training checkpoint written with the same config; (step, seconds, history).
-    A checkpoint of another config is ignored (the run starts over and overwrites it)."""
+def resume_checkpoint(ckpt: Path, cfg, theta: dict[str, torch.Tensor], psi,
+                      fingerprint: dict | None = None) -> tuple[int, float, list] | None:
+    """Load θ and ψ from a meta-training checkpoint written with the same config and the same fingerprint (the
+    backbone and the meta-training data); (step, seconds, history). Any other checkpoint is ignored (the run
+    starts over and overwrites it): a run must never continue from another model's or another corpus's θ."""
     if not ckpt.is_file():
         return None
     tensors, meta = load_tensors(ckpt)
     if not meta or meta.get("config") != jsonable(asdict(cfg)):
+        return None
+    if meta.get("fingerprint") != jsonable(fingerprint or {}):
+        print(f"note: {ckpt} was written for another backbone or meta-training data; starting over")
         return None
     for n, p in theta.items():
         p.data.copy_(tensors[f"theta.{n}"])
@@ -73,9 +79,10 @@ def resume_checkpoint(ckpt: Path, cfg, theta: dict[str, torch.Tensor], psi) -> t
 
 
 def save_checkpoint(path: Path, theta: dict[str, torch.Tensor], psi, cfg, step: int, seconds: float,
-                    history: list) -> None:
+                    history: list, fingerprint: dict | None = None) -> None:
     save_tensors(path, slot_tensors(theta, psi), {"config": jsonable(asdict(cfg)), "step": step,
-                                                  "seconds": seconds, "history": history})
+                                                  "seconds": seconds, "history": history,
+                                                  "fingerprint": jsonable(fingerprint or {})})
 
 
 class OuterLoop:
@@ -86,12 +93,12 @@ class OuterLoop:
     """
 
     def __init__(self, cfg, ckpt: Path, theta: dict[str, torch.Tensor], psi: torch.nn.Module | None, desc: str,
-                 progress: bool = True):
+                 progress: bool = True, fingerprint: dict | None = None):
         self.cfg, self.ckpt, self.theta, self.psi = cfg, Path(ckpt), theta, psi
-        self.desc, self.progress = desc, progress
+        self.desc, self.progress, self.fingerprint = desc, progress, fingerprint
         self.history: list[dict] = []
         self.start, elapsed = 0, 0.0
-        resumed = resume_checkpoint(self.ckpt, cfg, theta, psi)
+        resumed = resume_checkpoint(self.ckpt, cfg, theta, psi, fingerprint)
         if resumed:
             self.start, elapsed, self.history = resumed
         self.resumed = bool(resumed)
@@ -139,7 +146,7 @@ class OuterLoop:
         done = step + 1 == self.cfg.steps
         if save and ((step + 1) % self.cfg.checkpoint_every == 0 or done or over):
             save_checkpoint(self.ckpt, self.theta, self.psi, self.cfg, step + 1, time.time() - self.t0,
-                            self.history)
+                            self.history, self.fingerprint)
         self._stop = over
 
     def summary(self) -> dict:

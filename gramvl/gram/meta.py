@@ -237,7 +237,8 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     extras = host_extras(host)
     for p in host.parameters():
         p.requires_grad_(False)
-    loop = OuterLoop(cfg, ckpt, theta, psi, f"meta-train {host.name}", progress and dist.is_main())
+    fingerprint = {"backbone": host.bb.ident, **{k: v for k, v in (extra_meta or {}).items() if k != "timing"}}
+    loop = OuterLoop(cfg, ckpt, theta, psi, f"meta-train {host.name}", progress and dist.is_main(), fingerprint)
     if dist.active() and len(set(dist.all_gather_object(loop.start))) > 1:
         raise GramvlError(f"ranks resumed {ckpt} at different steps; the artifact folder must be on a "
                           f"filesystem that every rank sees")

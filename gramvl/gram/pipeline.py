@@ -121,6 +121,16 @@ def corpus_features(bb: Backbone, corpus: str, progress: bool = True, dtype: str
     return encode_corpus(bb, load_pairs(corpus), progress=progress)
 
 
+def _features_digest(z) -> str | None:
+    """sha256 (first 16 hex digits) of an in-memory feature matrix; None for sharded (on-disk) features."""
+    import numpy as np
+
+    if isinstance(z, ShardedArray):
+        return None
+    arr = z.detach().cpu().numpy() if hasattr(z, "detach") else np.asarray(z)
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
+
+
 def run_meta_train(job: MetaTrainJob, out: str | Path, bb: Backbone | None = None, progress: bool = True) -> Path:
     """Meta-train θ* and ψ* for `job.meta.host` and write the artifact to `out`."""
     from gramvl.backbone import load_backbone
@@ -139,6 +149,9 @@ def run_meta_train(job: MetaTrainJob, out: str | Path, bb: Backbone | None = Non
     else:
         data = CorpusBatches(feats.zI, feats.paths, bb, need_images=not host.image_side_frozen)
     extra = {"corpus": job.corpus, "pairs": len(feats), "hierarchy": job.hierarchy,
+             # what the corpus's images were (the corpus name alone does not say: the world's meta part can be
+             # rebuilt with other pixels); also keeps a checkpoint from resuming on other data
+             "corpus_features_sha256": _features_digest(feats.zI),
              "hierarchy_summary": {"domains": len(hier.domains()), "leaves": len(hier.leaves())},
              "task_config": asdict(job.tasks), "cmhc_config": asdict(job.cmhc),
              # which k-means ran (use_faiss='auto' picks faiss when importable): the two give different
