@@ -382,3 +382,13 @@ wait
 eval $P1 --name fewshot1_coop4_v3 --protocol fewshot --shots 1 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'" &
 eval $P1 --name fewshot16_coop_v3 --protocol fewshot --shots 16 --methods zeroshot coop
 wait
+# the other hosts on the new model (no GRAM), and GRAM with the M = 4 "a photo of a" artifact for CoOp M = 4 and CoCoOp
+eval $P1 --name base2new_cocoop_v3 --protocol base2new --methods cocoop &
+eval $P1 --name base2new_hosts_v3 --protocol base2new --methods vpt ivlp maple kgcoop prograd
+wait
+OMP_NUM_THREADS=2 $PY -m gramvl --quiet meta-train --host coop --steps 600 \
+    --set 'meta.host_cfg={n_ctx: 4, ctx_init: "a photo of a"}' --out runs/gram8/coop_m4.safetensors
+G4=runs/gram8/coop_m4.safetensors
+eval $P1 --name base2new_coop4_gram_v3 --protocol base2new --methods coop --gram $G4 --lr-control 0.95 --set n_ctx=4 "'ctx_init=a photo of a'" &
+eval $P1 --name base2new_cocoop_gram_v3 --protocol base2new --methods cocoop --gram-only --gram $G4
+wait
