@@ -86,7 +86,8 @@ def main() -> None:
               "command": "python benchmarks/zeroshot.py " + " ".join(f"--seeds {' '.join(map(str, args.seeds))}".split())}
     out = Path(args.out)
     write_json(out / "zeroshot.json", record)
-    md = ["# Zero-shot and linear probe of the packaged small CLIP\n\n",
+    title = "the packaged small CLIP" if args.model == "small" else f"`{args.model}`"
+    md = [f"# Zero-shot and linear probe of {title}\n\n",
           f"Model `{bb.ident}`, learned logit scale {float(bb.logit_scale):.1f}. Test splits; template "
           "'a photo of a {}.' (and gramvl's 8-template ensemble). Zero-shot loss: the test cross-entropy of the "
           "model's own scaled logits, where prompt tuning starts; the uniform guess scores log C. Linear probe: "
