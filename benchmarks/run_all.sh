@@ -392,3 +392,7 @@ G4=runs/gram8/coop_m4.safetensors
 eval $P1 --name base2new_coop4_gram_v3 --protocol base2new --methods coop --gram $G4 --lr-control 0.95 --set n_ctx=4 "'ctx_init=a photo of a'" &
 eval $P1 --name base2new_cocoop_gram_v3 --protocol base2new --methods cocoop --gram-only --gram $G4
 wait
+# test-time prompt tuning on the new model (M = 4 artifact as 'GRAM init'; 240 test-time meta-steps, a step count, not a budget)
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 50 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
+    --gram runs/gram8/coop_m4.safetensors --meta-steps 240 --meta-budget 3000 --threads 2 --work runs/bench-tta-v3 \
+    --out runs/tta_v3 --quiet   # -> docs/results/tta_50_v3.md
