@@ -345,16 +345,20 @@ cp runs/pretrain_s7_icons_c/best.json gramvl/assets/small_clip.json
 OMP_NUM_THREADS=1 $PY benchmarks/zeroshot.py --seeds 1 2 3 &
 OMP_NUM_THREADS=1 $PY -m gramvl --quiet meta-train --host coop --steps 600 --out runs/gram7/coop.safetensors   # = assets/gram_coop_v2
 wait
-G=gramvl/assets/gram_coop_v2.safetensors
 P1="OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 2 3"
-(eval $P1 --name base2new_zs_v2 --protocol base2new --methods zeroshot && \
- eval $P1 --name base2new_coop_gram_v2 --protocol base2new --methods coop --gram $G --lr-control 0.95) &
-eval $P1 --name fewshot1_coop_v2 --protocol fewshot --shots 1 --methods zeroshot coop
-eval $P1 --name fewshot1_coop_gram_v2 --protocol fewshot --shots 1 --methods coop --gram-only --gram $G
-wait
-eval $P1 --name fewshot1_coop4_v2 --protocol fewshot --shots 1 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'" &
-eval $P1 --name fewshot16_coop_v2 --protocol fewshot --shots 16 --methods zeroshot coop
-wait
+# the adaptation tables of a packaged model on emoji-nature: adaptation_tables SUFFIX GRAM_ARTIFACT
+adaptation_tables() {
+    local v=$1 G=$2
+    (eval $P1 --name base2new_zs_$v --protocol base2new --methods zeroshot && \
+     eval $P1 --name base2new_coop_gram_$v --protocol base2new --methods coop --gram $G --lr-control 0.95) &
+    eval $P1 --name fewshot1_coop_$v --protocol fewshot --shots 1 --methods zeroshot coop
+    eval $P1 --name fewshot1_coop_gram_$v --protocol fewshot --shots 1 --methods coop --gram-only --gram $G
+    wait
+    eval $P1 --name fewshot1_coop4_$v --protocol fewshot --shots 1 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'" &
+    eval $P1 --name fewshot16_coop_$v --protocol fewshot --shots 16 --methods zeroshot coop
+    wait
+}
+adaptation_tables v2 gramvl/assets/gram_coop_v2.safetensors
 # CoOp's lr on the new model's val split (is the 1-shot collapse the recipe?)
 OMP_NUM_THREADS=2 $PY benchmarks/tune_small.py --methods coop --mults 0.1 0.3 1 --shots 1 16 --name tuning_small_v2_coop
 
@@ -373,15 +377,7 @@ OMP_NUM_THREADS=1 $PY benchmarks/zeroshot.py --model runs/pretrain_s8_d0/best.sa
 wait   # -> docs/results/zeroshot.md and zeroshot_s8_control.md
 OMP_NUM_THREADS=2 $PY -m gramvl --quiet meta-train --host coop --steps 600 --out runs/gram8/coop.safetensors   # = assets/gram_coop_v3
 OMP_NUM_THREADS=1 $PY benchmarks/calibration.py --threads 1
-G=gramvl/assets/gram_coop_v3.safetensors
-(eval $P1 --name base2new_zs_v3 --protocol base2new --methods zeroshot && \
- eval $P1 --name base2new_coop_gram_v3 --protocol base2new --methods coop --gram $G --lr-control 0.95) &
-eval $P1 --name fewshot1_coop_v3 --protocol fewshot --shots 1 --methods zeroshot coop
-eval $P1 --name fewshot1_coop_gram_v3 --protocol fewshot --shots 1 --methods coop --gram-only --gram $G
-wait
-eval $P1 --name fewshot1_coop4_v3 --protocol fewshot --shots 1 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'" &
-eval $P1 --name fewshot16_coop_v3 --protocol fewshot --shots 16 --methods zeroshot coop
-wait
+adaptation_tables v3 gramvl/assets/gram_coop_v3.safetensors
 # the other hosts on the new model (no GRAM), and GRAM with the M = 4 "a photo of a" artifact for CoOp M = 4 and CoCoOp
 eval $P1 --name base2new_cocoop_v3 --protocol base2new --methods cocoop &
 eval $P1 --name base2new_hosts_v3 --protocol base2new --methods vpt ivlp maple kgcoop prograd

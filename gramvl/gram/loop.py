@@ -78,6 +78,12 @@ def resume_checkpoint(ckpt: Path, cfg, theta: dict[str, torch.Tensor], psi,
     return meta["step"], meta["seconds"], meta["history"]
 
 
+def run_fingerprint(backbone_ident: str, extra_meta: dict | None) -> dict:
+    """What a checkpoint must share with a run to be resumed by it: the backbone and the artifact's data
+    metadata (corpus, its feature digest, hierarchy, task and CMHC settings), not the timings."""
+    return {"backbone": backbone_ident, **{k: v for k, v in (extra_meta or {}).items() if k != "timing"}}
+
+
 def save_checkpoint(path: Path, theta: dict[str, torch.Tensor], psi, cfg, step: int, seconds: float,
                     history: list, fingerprint: dict | None = None) -> None:
     save_tensors(path, slot_tensors(theta, psi), {"config": jsonable(asdict(cfg)), "step": step,

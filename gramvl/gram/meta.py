@@ -30,7 +30,7 @@ from torch.func import functional_call
 
 from gramvl import dist
 from gramvl.errors import GramvlError
-from gramvl.gram.loop import OuterLoop, slot_tensors
+from gramvl.gram.loop import OuterLoop, run_fingerprint, slot_tensors
 from gramvl.gram.regulator import RegulatorSet, modality_of
 from gramvl.io import save_tensors, write_json
 from gramvl.prompts.base import PromptLearner
@@ -237,8 +237,8 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     extras = host_extras(host)
     for p in host.parameters():
         p.requires_grad_(False)
-    fingerprint = {"backbone": host.bb.ident, **{k: v for k, v in (extra_meta or {}).items() if k != "timing"}}
-    loop = OuterLoop(cfg, ckpt, theta, psi, f"meta-train {host.name}", progress and dist.is_main(), fingerprint)
+    loop = OuterLoop(cfg, ckpt, theta, psi, f"meta-train {host.name}", progress and dist.is_main(),
+                     run_fingerprint(host.bb.ident, extra_meta))
     if dist.active() and len(set(dist.all_gather_object(loop.start))) > 1:
         raise GramvlError(f"ranks resumed {ckpt} at different steps; the artifact folder must be on a "
                           f"filesystem that every rank sees")

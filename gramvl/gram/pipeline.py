@@ -121,7 +121,7 @@ def corpus_features(bb: Backbone, corpus: str, progress: bool = True, dtype: str
     return encode_corpus(bb, load_pairs(corpus), progress=progress)
 
 
-def _features_digest(z) -> str | None:
+def features_digest(z) -> str | None:
     """sha256 (first 16 hex digits) of an in-memory feature matrix; None for sharded (on-disk) features."""
     import numpy as np
 
@@ -151,7 +151,7 @@ def run_meta_train(job: MetaTrainJob, out: str | Path, bb: Backbone | None = Non
     extra = {"corpus": job.corpus, "pairs": len(feats), "hierarchy": job.hierarchy,
              # what the corpus's images were (the corpus name alone does not say: the world's meta part can be
              # rebuilt with other pixels); also keeps a checkpoint from resuming on other data
-             "corpus_features_sha256": _features_digest(feats.zI),
+             "corpus_features_sha256": features_digest(feats.zI),
              "hierarchy_summary": {"domains": len(hier.domains()), "leaves": len(hier.leaves())},
              "task_config": asdict(job.tasks), "cmhc_config": asdict(job.cmhc),
              # which k-means ran (use_faiss='auto' picks faiss when importable): the two give different

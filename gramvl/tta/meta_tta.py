@@ -29,7 +29,7 @@ from tqdm import tqdm
 from gramvl.backbone import Backbone
 from gramvl.errors import GramvlError
 from gramvl.gram.cmhc import CMHCConfig
-from gramvl.gram.loop import OuterLoop, slot_tensors
+from gramvl.gram.loop import OuterLoop, run_fingerprint, slot_tensors
 from gramvl.gram.meta import ARTIFACT_FORMAT, outer_update
 from gramvl.gram.regulator import RegulatorSet
 from gramvl.gram.tasks import TaskConfig
@@ -254,8 +254,8 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
     psi = StructuredRegulator(psi_set.regs["text"], context).to(bb.device) if psi_set is not None else None
     opt_t = torch.optim.Adam([theta], lr=cfg.outer_lr_theta)
     opt_p = torch.optim.Adam(psi_set.parameters(), lr=cfg.outer_lr_phi) if psi_set is not None else None
-    fingerprint = {"backbone": bb.ident, **{k: v for k, v in (extra_meta or {}).items() if k != "timing"}}
-    loop = OuterLoop(cfg, ckpt, {"text_ctx": theta}, psi_set, "meta-train tta", progress, fingerprint)
+    loop = OuterLoop(cfg, ckpt, {"text_ctx": theta}, psi_set, "meta-train tta", progress,
+                     run_fingerprint(bb.ident, extra_meta))
     for step in loop.steps():
         opt_t.zero_grad(set_to_none=True)
         if opt_p:
@@ -332,7 +332,7 @@ def tta_diagnostics(bb: Backbone, theta: torch.Tensor, psi: StructuredRegulator 
 def run_meta_tta(job: MetaTTAJob, out: str | Path, bb: Backbone | None = None, progress: bool = True) -> Path:
     """Corpus -> features -> hierarchy -> tasks -> cached views -> meta-training; returns the artifact."""
     from gramvl.backbone import load_backbone
-    from gramvl.gram.pipeline import _features_digest, build_hierarchy, corpus_features
+    from gramvl.gram.pipeline import build_hierarchy, corpus_features, features_digest
     from gramvl.gram.tasks import TaskSampler
 
     t0 = time.time()
@@ -348,7 +348,7 @@ def run_meta_tta(job: MetaTTAJob, out: str | Path, bb: Backbone | None = None, p
     domains = hier.domains
     cache = ViewFeatureCache(bb, feats.paths, m.views, (m.crop_min, m.crop_max), m.augmix, m.seed)
     extra = {"corpus": job.corpus, "pairs": len(feats), "hierarchy": job.hierarchy,
-             "corpus_features_sha256": _features_digest(feats.zI),
+             "corpus_features_sha256": features_digest(feats.zI),
              "hierarchy_summary": {"domains": len(domains() if callable(domains) else domains),
                                    "leaves": len(hier.leaves())},
              "task_config": asdict(job.tasks), "cmhc_config": asdict(job.cmhc),

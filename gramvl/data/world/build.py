@@ -90,20 +90,14 @@ def run_jobs(func: Callable, jobs: list, processes: int = 2, progress: bool = Tr
         bar = tqdm(total=len(jobs), desc=desc, unit="job", file=sys.stderr, dynamic_ncols=True)
     out = []
     try:
-        if fresh and jobs:
-            with get_context("fork").Pool(max(1, processes), maxtasksperchild=1) as pool:
-                for r in pool.imap_unordered(func, jobs, chunksize=1):
-                    out.append(r)
-                    if bar is not None:
-                        bar.update(1)
-        elif processes <= 1 or len(jobs) <= 1:
+        if not fresh and (processes <= 1 or len(jobs) <= 1):
             for j in jobs:
                 out.append(func(j))
                 if bar is not None:
                     bar.update(1)
-        else:
-            with get_context("fork").Pool(processes) as pool:
-                for r in pool.imap_unordered(func, jobs, chunksize=chunksize):
+        elif jobs:
+            with get_context("fork").Pool(max(1, processes), maxtasksperchild=1 if fresh else None) as pool:
+                for r in pool.imap_unordered(func, jobs, chunksize=1 if fresh else chunksize):
                     out.append(r)
                     if bar is not None:
                         bar.update(1)
@@ -428,14 +422,12 @@ def build_meta(tree: SourceTree, out: Path, processes: int = 2, progress: bool =
     skip = read_meta_skip() if skip is None else skip
     (out / "images").mkdir(parents=True, exist_ok=True)
     prefix = {"openclipart": "oc", "tuxpaint": "tp"}
-    jobs, pinned = [], 0
-    rel = [Path(it["src"]).relative_to(tree.root).as_posix() for it in kept]
     for i, it in enumerate(kept):
         it["image"] = f"meta/images/{prefix[it['source']]}{i:05d}.png"
-        if rel[i] in skip:
-            pinned += 1
-            continue
-        jobs.append((it["src"], str(out / "images" / Path(it["image"]).name), timeout))
+    rel = [Path(it["src"]).relative_to(tree.root).as_posix() for it in kept]
+    dst = [str(out / "images" / Path(it["image"]).name) for it in kept]
+    jobs = [(it["src"], d, timeout) for it, r, d in zip(kept, rel, dst, strict=True) if r not in skip]
+    pinned = len(kept) - len(jobs)
     # cairo renders SVG text differently depending on the fonts that earlier renders in the same process
     # loaded, so the clip art with text is drawn in fresh processes (the rest in long-lived workers)
     has_text = [_has_svg_text(j[0]) for j in jobs]
@@ -446,9 +438,8 @@ def build_meta(tree: SourceTree, out: Path, processes: int = 2, progress: bool =
 
     done |= set(run_jobs(_meta_job, text, processes, progress, "world: meta images with text", fresh=True))
     rows, unexpected = [], []
-    for it, r in zip(kept, rel, strict=True):
-        dst = str(out / "images" / Path(it["image"]).name)
-        if dst in done:
+    for it, r, d in zip(kept, rel, dst, strict=True):
+        if d in done:
             rows.append({"image": it["image"], "caption": it["caption"], "source": it["source"],
                          "category": it["category"]})
         elif r not in skip:
