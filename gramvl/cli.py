@@ -97,7 +97,7 @@ def cmd_pretrain(args) -> int:
                          eval_every=args.eval_every, val_sets=args.val_sets or [], ema=args.ema,
                          caption_positives=args.caption_positives, icons=args.icons, init=args.init or "",
                          warmup=args.warmup, photo_aug=args.photo_aug, val_limit=args.val_limit,
-                         threads=args.threads)
+                         threads=args.threads, logit_scale_init=args.logit_scale_init)
     best = pretrain(cfg, args.out, progress=not args.quiet)
     print(f"best checkpoint: {best}")
     return 0
@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--val-limit", type=int, default=600, help="at most this many val images per set")
     pt.add_argument("--threads", type=int, default=2,
                     help="CPU threads (torch.set_num_threads); 1 lets two runs share a 2-core machine")
+    pt.add_argument("--logit-scale-init", type=float, default=0.0,
+                    help="start the learned logit scale at this value, e.g. 100 (0: the model's own)")
     pt.set_defaults(func=cmd_pretrain)
 
     tr = sub.add_parser("train", help="train one host on one dataset (few-shot), then evaluate")

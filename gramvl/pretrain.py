@@ -60,6 +60,8 @@ class PretrainConfig:
     photo_aug: float = 0.0  # share of images drawn as grey objects on a dark background (augment's `photo`)
     val_limit: int = 600  # at most this many val images per set for checkpoint choice
     init: str = ""  # a small-CLIP .safetensors to start from (its architecture must match)
+    # session 9: start the learned logit scale here (0 = keep the model's: CLIP's 1/0.07, or --init's)
+    logit_scale_init: float = 0.0
     eval_every: int = 250
     seed: int = 0
     threads: int = 2
@@ -346,6 +348,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     if cfg.init:
         init_id = load_init(net, cfg.init, config["model_cfg"])
         state["init"] = init_id
+    if cfg.logit_scale_init:
+        if not 0.0 < cfg.logit_scale_init <= 100.0:
+            raise GramvlError(f"--logit-scale-init must be in (0, 100] (CLIP clamps at 100), got {cfg.logit_scale_init}")
+        with torch.no_grad():
+            net.logit_scale.fill_(math.log(cfg.logit_scale_init))
     last = out / "last.safetensors"
     if last.is_file():
         tensors, meta = load_tensors(last)

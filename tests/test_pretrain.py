@@ -90,3 +90,47 @@ def test_photo_augmentation_draws_objects_on_a_dark_background():
     dark = corners < 0.15
     assert dark.float().mean() > 0.6 and (centre[dark] > corners[dark] + 0.3).all()
     assert photo.min() >= 0 and photo.max() <= 1
+
+
+def _tiny_run(tmp_path, monkeypatch, steps, **kw):
+    """pretrain() end to end on 6 fake pairs with a 1-layer model (no world needed)."""
+    from PIL import Image
+
+    import gramvl.data.world as world
+    from gramvl.pretrain import PretrainConfig, pretrain
+
+    pairs = []
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for i, (name, colour) in enumerate([("red apple", "red"), ("blue car", "blue"), ("green tree", "green")] * 2):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 40), colour).save(path)
+        pairs.append({"image": str(path), "name": name, "hexcode": name, "keywords": name.split()})
+    monkeypatch.setattr(world, "load_pretrain_pairs", lambda: pairs)
+    cfg = PretrainConfig(vision_layers=1, text_layers=1, vision_width=32, text_width=32, embed_dim=16,
+                         text_heads=2, vision_head_width=16, steps=steps, batch_size=4, warmup=1,
+                         eval_every=steps, threads=1, **kw)
+    return pretrain(cfg, tmp_path / "run", progress=False)
+
+
+def _scale(path):
+    from gramvl.io import load_tensors
+
+    return torch.exp(load_tensors(path)[0]["logit_scale"].float()).item()
+
+
+def test_logit_scale_init_sets_the_learned_scale_and_a_resume_keeps_the_trained_value(tmp_path, monkeypatch):
+    import pytest
+
+    from gramvl.errors import GramvlError
+
+    # CLIP's own start is 1/0.07; --logit-scale-init 100 starts at CLIP's clamp; Adam moves it by <= lr per step
+    default = _scale(_tiny_run(tmp_path / "a", monkeypatch, 2))
+    assert abs(default - 1 / 0.07) < 1 / 0.07 * 0.03
+    high = _scale(_tiny_run(tmp_path / "b", monkeypatch, 2, logit_scale_init=100.0))
+    assert 100 * 0.97 < high <= 100.1  # best.safetensors is fp16
+    # a resumed run continues from last.safetensors: the re-initialisation is not applied a second time
+    resumed = _scale(_tiny_run(tmp_path / "b", monkeypatch, 4, logit_scale_init=100.0))
+    fresh4 = _scale(_tiny_run(tmp_path / "c", monkeypatch, 4, logit_scale_init=100.0))
+    assert resumed == pytest.approx(fresh4, rel=1e-3)
+    with pytest.raises(GramvlError, match="logit-scale-init"):
+        _tiny_run(tmp_path / "d", monkeypatch, 1, logit_scale_init=250.0)
