@@ -213,6 +213,61 @@ def positive_matrix(concepts: torch.Tensor, cap_ids: torch.Tensor | None,
     return pos.float()
 
 
+def contrastive_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Symmetric multi-positive InfoNCE: each row's target spreads evenly over its positives."""
+    return 0.5 * (torch.sum(-(pos / pos.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1).mean()
+                  + torch.sum(-(pos.T / pos.T.sum(1, keepdim=True)) * F.log_softmax(logits.T, 1), 1).mean())
+
+
+class Corpus:
+    """The pre-training pairs in memory (images at `store_size`, every caption variant tokenized) and the
+    batches drawn from them: `batch(seed)` is a pure function of the seed, so a resumed run and an
+    evaluation of the training loss (benchmarks/scale_optimum.py) see exactly the training batches."""
+
+    def __init__(self, cfg: PretrainConfig, tok, progress: bool = True):
+        from gramvl.data.world import load_pretrain_pairs
+
+        pairs = load_pretrain_pairs()
+        if not pairs:
+            raise GramvlError("the pre-training corpus is empty; run `gramvl world build`")
+        if not 0.0 <= cfg.icons < 1.0:
+            raise GramvlError(f"--icons is the share of each batch drawn from the icon corpus: 0 <= share < 1, "
+                              f"got {cfg.icons}")
+        self.cfg, self.n_emoji = cfg, len(pairs)
+        if cfg.icons > 0:
+            from gramvl.data.world import build_icon_part, load_icon_pairs
+
+            build_icon_part(progress=progress)
+            pairs = pairs + load_icon_pairs()
+        self.n_pairs = len(pairs)
+        self.images = load_corpus_images(pairs, cfg.store_size)
+        caps, owner = [], []
+        for i, p in enumerate(pairs):
+            for c in caption_variants(p):
+                caps.append(c)
+                owner.append(i)
+        self.cap_tokens = tok(caps)
+        self.starts = torch.zeros(len(pairs) + 1, dtype=torch.long)
+        self.starts[1:] = torch.bincount(torch.tensor(owner), minlength=len(pairs)).cumsum(0)
+        concept: dict = {}
+        self.concept_id = torch.tensor([concept.setdefault(p.get("hexcode") or p.get("concept") or p["name"],
+                                                           len(concept)) for p in pairs])
+        self.cap_str_id, self.cap_members = (caption_positive_table(caps, owner, self.concept_id.tolist())
+                                             if cfg.caption_positives else (None, None))
+
+    def batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalized augmented images, caption tokens, positive matrix) of one batch."""
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(seed)
+        idx = sample_pairs(g, cfg.batch_size, self.n_emoji, self.n_pairs - self.n_emoji, cfg.icons)
+        lo, hi = self.starts[idx], self.starts[idx + 1]
+        cap_idx = lo + (torch.rand(cfg.batch_size, generator=g) * (hi - lo)).long()
+        imgs = normalize_images(augment(self.images[idx], cfg.image_size, g, cfg.photo_aug), cfg.mean, cfg.std)
+        pos = positive_matrix(self.concept_id[idx], None if self.cap_str_id is None else self.cap_str_id[cap_idx],
+                              self.cap_members)
+        return imgs, self.cap_tokens[cap_idx], pos
+
+
 def normalize_images(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
@@ -288,22 +343,9 @@ def _sidecar(cfg: PretrainConfig, extra: dict) -> dict:
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) -> Path:
     """Train the small CLIP; writes OUT/best.safetensors (+ .json) and resumes from OUT/last.* if present."""
-    from gramvl.data.world import load_pretrain_pairs
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    pairs = load_pretrain_pairs()
-    if not pairs:
-        raise GramvlError("the pre-training corpus is empty; run `gramvl world build`")
-    if not 0.0 <= cfg.icons < 1.0:
-        raise GramvlError(f"--icons is the share of each batch drawn from the icon corpus: 0 <= share < 1, got {cfg.icons}")
-    n_emoji = len(pairs)
-    if cfg.icons > 0:
-        from gramvl.data.world import build_icon_part, load_icon_pairs
-
-        build_icon_part(progress=progress)
-        pairs = pairs + load_icon_pairs()
     config = _sidecar(cfg, {})
     torch.manual_seed(cfg.seed)
     net = build_small_clip(config)
@@ -312,22 +354,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     for p in net.parameters():
         p.requires_grad_(True)
     net.train()
-
-    images = load_corpus_images(pairs, cfg.store_size)
-    caps, owner = [], []
-    for i, p in enumerate(pairs):
-        for c in caption_variants(p):
-            caps.append(c)
-            owner.append(i)
-    cap_tokens = tok(caps)
-    owner_t = torch.tensor(owner)
-    starts = torch.zeros(len(pairs) + 1, dtype=torch.long)
-    starts[1:] = torch.bincount(owner_t, minlength=len(pairs)).cumsum(0)
-    concept = {}
-    concept_id = torch.tensor([concept.setdefault(p.get("hexcode") or p.get("concept") or p["name"], len(concept))
-                               for p in pairs])
-    cap_str_id, cap_members = (caption_positive_table(caps, owner, concept_id.tolist()) if cfg.caption_positives
-                               else (None, None))
+    corpus = Corpus(cfg, tok, progress)
     ema = {k: v.detach().clone() for k, v in net.named_parameters()} if cfg.ema > 0 else None
 
     val_names = cfg.val_sets
@@ -408,20 +435,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     t0 = time.time() - state["seconds"]
     while state["step"] < cfg.steps:
         step = state["step"]
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = sample_pairs(g, cfg.batch_size, n_emoji, len(pairs) - n_emoji, cfg.icons)
-        cap_idx = starts[idx] + (torch.rand(cfg.batch_size, generator=g) * (starts[idx + 1] - starts[idx])).long()
-        imgs = normalize_images(augment(images[idx], cfg.image_size, g, cfg.photo_aug), cfg.mean, cfg.std)
-        text = cap_tokens[cap_idx]
+        imgs, text, pos = corpus.batch(cfg.seed * 1_000_003 + step)
         lr_mult = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for gr, lr0 in zip(opt.param_groups, base_lrs, strict=True):
             gr["lr"] = lr0 * lr_mult
         fi = F.normalize(net.encode_image(imgs), dim=-1)
         ft = F.normalize(net.encode_text(text), dim=-1)
-        logits = net.logit_scale.exp().clamp(max=100) * fi @ ft.T
-        pos = positive_matrix(concept_id[idx], None if cap_str_id is None else cap_str_id[cap_idx], cap_members)
-        loss = 0.5 * (torch.sum(-(pos / pos.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-(pos.T / pos.T.sum(1, keepdim=True)) * F.log_softmax(logits.T, 1), 1).mean())
+        loss = contrastive_loss(net.logit_scale.exp().clamp(max=100) * fi @ ft.T, pos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
