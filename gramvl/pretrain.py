@@ -441,7 +441,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
             gr["lr"] = lr0 * lr_mult
         fi = F.normalize(net.encode_image(imgs), dim=-1)
         ft = F.normalize(net.encode_text(text), dim=-1)
-        loss = contrastive_loss(net.logit_scale.exp().clamp(max=100) * fi @ ft.T, pos)
+        # no clamp in the forward pass: exp(log 100) rounds to 100.0000076 in float32, and clamp(max=100) would
+        # then cut the scale's gradient, freezing it at the ceiling; the in-place clamp below bounds it instead
+        loss = contrastive_loss(net.logit_scale.exp() * fi @ ft.T, pos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -92,7 +92,7 @@ def test_photo_augmentation_draws_objects_on_a_dark_background():
     assert photo.min() >= 0 and photo.max() <= 1
 
 
-def _tiny_run(tmp_path, monkeypatch, steps, **kw):
+def _tiny_run(tmp_path, monkeypatch, steps, eval_every=None, **kw):
     """pretrain() end to end on 6 fake pairs with a 1-layer model (no world needed)."""
     from PIL import Image
 
@@ -108,7 +108,7 @@ def _tiny_run(tmp_path, monkeypatch, steps, **kw):
     monkeypatch.setattr(world, "load_pretrain_pairs", lambda: pairs)
     cfg = PretrainConfig(vision_layers=1, text_layers=1, vision_width=32, text_width=32, embed_dim=16,
                          text_heads=2, vision_head_width=16, steps=steps, batch_size=4, warmup=1,
-                         eval_every=steps, threads=1, **kw)
+                         eval_every=eval_every or steps, threads=1, **kw)
     return pretrain(cfg, tmp_path / "run", progress=False)
 
 
@@ -128,9 +128,32 @@ def test_logit_scale_init_sets_the_learned_scale_and_a_resume_keeps_the_trained_
     assert abs(default - 1 / 0.07) < 1 / 0.07 * 0.03
     high = _scale(_tiny_run(tmp_path / "b", monkeypatch, 2, logit_scale_init=100.0))
     assert 100 * 0.97 < high <= 100.1  # best.safetensors is fp16
-    # a resumed run continues from last.safetensors: the re-initialisation is not applied a second time
-    resumed = _scale(_tiny_run(tmp_path / "b", monkeypatch, 4, logit_scale_init=100.0))
-    fresh4 = _scale(_tiny_run(tmp_path / "c", monkeypatch, 4, logit_scale_init=100.0))
-    assert resumed == pytest.approx(fresh4, rel=1e-3)
+    # an interrupted run resumes from last.safetensors: the re-initialisation is not applied a second time, and
+    # the result is the uninterrupted run's
+    import gramvl.pretrain as pt
+    from gramvl.io import load_tensors
+
+    real_loss, calls = pt.contrastive_loss, []
+
+    def crash_at_step_3(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*a)
+
+    monkeypatch.setattr(pt, "contrastive_loss", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(tmp_path / "b2", monkeypatch, 4, eval_every=1, logit_scale_init=100.0)
+    monkeypatch.setattr(pt, "contrastive_loss", real_loss)
+    resumed = _tiny_run(tmp_path / "b2", monkeypatch, 4, eval_every=1, logit_scale_init=100.0)
+    fresh = _tiny_run(tmp_path / "c", monkeypatch, 4, eval_every=1, logit_scale_init=100.0)
+    last_r = load_tensors(resumed.parent / "last.safetensors")[0]
+    last_f = load_tensors(fresh.parent / "last.safetensors")[0]
+    assert last_r["model.logit_scale"].item() == pytest.approx(last_f["model.logit_scale"].item(), abs=1e-6)
+    # the scale learns at the ceiling too (a forward clamp(max=100) once froze it there: exp(log 100) > 100 in
+    # float32, and the clamp cut its gradient)
+    assert last_f["model.logit_scale"].exp().item() < 100.0
+    scale_slot = max(int(k.split(".")[1]) for k in last_f if k.startswith("opt."))  # the last param group
+    assert last_f[f"opt.{scale_slot}.exp_avg"].abs().item() > 0
     with pytest.raises(GramvlError, match="logit-scale-init"):
         _tiny_run(tmp_path / "d", monkeypatch, 1, logit_scale_init=250.0)
