@@ -392,3 +392,19 @@ wait
 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 50 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
     --gram runs/gram8/coop_m4.safetensors --meta-steps 240 --meta-budget 3000 --threads 2 --work runs/bench-tta-v3 \
     --out runs/tta_v3 --quiet   # -> docs/results/tta_50_v3.md
+
+# ---- session 9: where the learned logit scale goes (docs/pretraining.md, session 9) ----
+L="OMP_NUM_THREADS=1 $PY -m gramvl --quiet pretrain --steps 400 --batch-size 128 --lr 3e-4 --photo-aug 0.15 --val-limit 2000 \
+    --warmup 100 --eval-every 100 --icons 0.4 --caption-positives --init gramvl/assets/small_clip.safetensors --threads 1 --val-sets $VAL"
+eval $L --out runs/pretrain_s9_e &                          # control: the scale learned from the model's 39.1
+eval $L --out runs/pretrain_s9_i --logit-scale-init 100 &   # the scale re-initialised at 100 (CLIP's ceiling), learned
+wait
+# (legs E100, F, G in docs/results/pretrain_s9_history.json ran before the clamp fix: their scale was frozen at 100;
+#  E100 = leg I's command on commit b30886f, F and G add --steps 600 --warmup 50 and --lr 1e-4 / 3e-5)
+$PY benchmarks/scale_optimum.py --batches 16 --models small small-v2 small-v1 runs/pretrain_s9_e/best.safetensors \
+    runs/pretrain_s9_e100/best.safetensors runs/pretrain_s9_i/best.safetensors   # -> docs/results/scale_optimum.md
+OMP_NUM_THREADS=1 $PY benchmarks/scale_adaptation.py --scale 100 --lr-mult 0.4 --datasets emoji-nature --seeds 1 2 3
+# is 16-shot CoOp worth it on every set? (zero-shot vs CoOp on the seven OpenMoji colour sets and Fashion-MNIST)
+OMP_NUM_THREADS=2 $PY benchmarks/protocols.py --datasets emoji-activities emoji-animals emoji-faces emoji-food emoji-nature \
+    emoji-objects emoji-travel fashion-mnist --seeds 1 2 3 --name fewshot16_coop_8ds_v3 --protocol fewshot --shots 16 \
+    --methods zeroshot coop
