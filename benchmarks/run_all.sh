@@ -12,7 +12,7 @@ export OMP_WAIT_POLICY=PASSIVE
 # foundation: zero-shot and 16-shot linear probe (3 seeds)
 OMP_NUM_THREADS=1 $PY benchmarks/zeroshot.py --seeds 1 2 3
 # recipe tuning for the small CLIP on val splits (never test)
-OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods coop vpt --mults 1 10 50 --dataset emoji-nature --shots 4
+OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods coop vpt --mults 1 10 50 --dataset emoji-nature --shots 4 --epoch-mult 0.25 --model small-v1
 # the default GRAM artifact (shipped as gramvl/assets/gram_coop.*)
 OMP_NUM_THREADS=1 $PY -m gramvl meta-train --host coop --steps 600 --out runs/gram/coop.safetensors
 # hosts and GRAM through the protocols (emoji-nature, 3 seeds)
@@ -184,7 +184,7 @@ eval $P3 --name xd_hosts --protocol xd --datasets $D7 --methods zeroshot coop kg
 eval $P --name dg_hosts --protocol dg --methods zeroshot coop kgcoop prograd cocoop vpt ivlp maple
 # CoCoOp: lr on val (1 seed), then the test curve at lr x1/16 next to fewshot_cocoop (lr x1)
 OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --name tuning_cocoop --methods cocoop --mults 0.0625 0.25 1 \
-    --shots 1 4 16 --epoch-mult 0.5 --dataset emoji-nature
+    --shots 1 4 16 --epoch-mult 0.5 --dataset emoji-nature --model small-v1
 eval $P --name fewshot_cocoop_lr16 --protocol fewshot --shots 1 2 4 8 16 --methods cocoop --gram-only --lr-control 0.0625
 # GRAM meta-training variants on val (runs/gram4), the winner became the default recipe
 V="OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --seeds 1 2 3 --datasets emoji-nature --eval-split val --runs runs/val"
@@ -360,7 +360,7 @@ adaptation_tables() {
 }
 adaptation_tables v2 gramvl/assets/gram_coop_v2.safetensors
 # CoOp's lr on the new model's val split (is the 1-shot collapse the recipe?)
-OMP_NUM_THREADS=2 $PY benchmarks/tune_small.py --methods coop --mults 0.1 0.3 1 --shots 1 16 --name tuning_small_v2_coop
+OMP_NUM_THREADS=2 $PY benchmarks/tune_small.py --methods coop --mults 0.1 0.3 1 --shots 1 16 --name tuning_small_v2_coop --model small-v2
 
 # ---- session 8: one more leg from small-v2 (the shipped one, and its control without --caption-positives) ----
 # (the world's meta part is now v4: the same corpus on every machine; docs/data.md)
