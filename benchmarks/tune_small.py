@@ -63,7 +63,7 @@ def main() -> None:
                 "shots": args.shots, "model": bb.ident, "versions": versions()})
     md = ["# Recipe tuning for the small CLIP (val split only)\n\n",
           f"Few-shot ({', '.join(map(str, args.shots))} shots, seed {args.seed}) on `{args.dataset}`, accuracy on its **val** split. "
-          ("Epochs = paper epochs x " + (f"{args.epoch_mult}" if args.epoch_mult is not None else
+          + ("Epochs = paper epochs x " + (f"{args.epoch_mult}" if args.epoch_mult is not None else
                                          "each host's shipped small-model scaling") + " (2-core budget). ")
           + "lr multiplier: times the paper lr; '(shipped)' marks the one SMALL_MODEL_SCALING uses. "
           f"Model `{bb.ident}`.\n\n",
