@@ -408,3 +408,6 @@ OMP_NUM_THREADS=1 $PY benchmarks/scale_adaptation.py --scale 100 --lr-mult 0.4 -
 OMP_NUM_THREADS=2 $PY benchmarks/protocols.py --datasets emoji-activities emoji-animals emoji-faces emoji-food emoji-nature \
     emoji-objects emoji-travel fashion-mnist --seeds 1 2 3 --name fewshot16_coop_8ds_v3 --protocol fewshot --shots 16 \
     --methods zeroshot coop
+# the host recipes' small-model scaling, re-checked on the current model (val split, 16 shots)
+OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods vpt --mults 1 10 50 --shots 16 --name tuning_small_v3_hosts_vpt
+OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods kgcoop ivlp maple --mults 0.3 1 3 --shots 16 --name tuning_small_v3_hosts
