@@ -343,6 +343,8 @@ def _sidecar(cfg: PretrainConfig, extra: dict) -> dict:
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) -> Path:
     """Train the small CLIP; writes OUT/best.safetensors (+ .json) and resumes from OUT/last.* if present."""
+    if cfg.logit_scale_init and not 0.0 < cfg.logit_scale_init <= 100.0:
+        raise GramvlError(f"--logit-scale-init must be in (0, 100] (CLIP clamps at 100), got {cfg.logit_scale_init}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -376,8 +378,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
         init_id = load_init(net, cfg.init, config["model_cfg"])
         state["init"] = init_id
     if cfg.logit_scale_init:
-        if not 0.0 < cfg.logit_scale_init <= 100.0:
-            raise GramvlError(f"--logit-scale-init must be in (0, 100] (CLIP clamps at 100), got {cfg.logit_scale_init}")
         with torch.no_grad():
             net.logit_scale.fill_(math.log(cfg.logit_scale_init))
     last = out / "last.safetensors"
