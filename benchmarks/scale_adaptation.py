@@ -47,14 +47,14 @@ def rescaled(model: str, scale: float, out: Path) -> Path:
     return path
 
 
-def cell(summary: dict, protocol: str) -> tuple[str, dict]:
+def cell(summary: dict, protocol: str) -> str:
     per = next(iter(summary["per_dataset"].values())) if len(summary["per_dataset"]) == 1 else None
     a = summary["average"]
     if protocol == "base2new":
         std = f" ± {100 * per['hm_std']:.2f}" if per else ""
-        return f"{100 * a['base']:.2f} / {100 * a['new']:.2f} / {100 * a['hm']:.2f}{std}", a
+        return f"{100 * a['base']:.2f} / {100 * a['new']:.2f} / {100 * a['hm']:.2f}{std}"
     std = f" ± {100 * per['accuracy_std']:.2f}" if per else ""
-    return f"{100 * a['accuracy']:.2f}{std}", a
+    return f"{100 * a['accuracy']:.2f}{std}"
 
 
 def main() -> None:
@@ -94,7 +94,7 @@ def main() -> None:
             p = ProtocolConfig(protocol=protocol, method=method, datasets=args.datasets, seeds=args.seeds,
                                shots=[shots], out=str(folder), model=model, host=dict(host), lr=lr)
             s = run_protocol(p, progress=False, bb=bb)
-            text, avg = cell(s, protocol)
+            text = cell(s, protocol)
             results.setdefault(label, {})[key] = {"summary": s, "model": bb.ident, "scale": float(bb.logit_scale),
                                                   "lr": lr}
             row.append(text)
