@@ -76,7 +76,8 @@ def main() -> None:
     if args.lr_mult:
         key = f"set to {args.scale:g}, lr x{args.lr_mult:g}"
         models[key], lr_mult[key] = scaled, args.lr_mult
-    bbs = {k: load_backbone(v) for k, v in models.items()}
+    loaded = {path: load_backbone(path) for path in set(models.values())}  # the rescaled file serves two columns
+    bbs = {k: loaded[v] for k, v in models.items()}
     results: dict = {}
     rows = []
     for label, protocol, method, shots, host in SETTINGS:
