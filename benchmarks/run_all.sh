@@ -411,3 +411,7 @@ OMP_NUM_THREADS=2 $PY benchmarks/protocols.py --datasets emoji-activities emoji-
 # the host recipes' small-model scaling, re-checked on the current model (val split, 16 shots)
 OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods vpt --mults 1 10 50 --shots 16 --name tuning_small_v3_hosts_vpt
 OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods kgcoop ivlp maple --mults 0.3 1 3 --shots 16 --name tuning_small_v3_hosts
+
+# ---- session 10: does the batch size move the loss's optimum scale? (docs/pretraining.md, session 10) ----
+OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --models small small-v1 --batches 32 \
+    --batch-sizes 128 512 2048 8192 --name scale_optimum_batch   # -> docs/results/scale_optimum_batch.md

@@ -6,8 +6,13 @@ For fixed features the loss is convex in s, so s* is the value the learned scale
 100 means training pushes the scale against CLIP's clamp of 100 (where real CLIP sits). The batches are
 drawn with seeds the training runs never used.
 
+`--batch-sizes 128 512 4096 ...` repeats the measurement at larger batches (the same number of pairs in
+total, so each size sees about as many images): real CLIP learns its scale of ~100 with 32,768 pairs per
+batch, and more negatives per row sharpen the loss's optimum.
+
 Writes docs/results/scale_optimum.{json,md}.
     python benchmarks/scale_optimum.py --models small small-v2 small-v1 runs/x/best.safetensors
+    python benchmarks/scale_optimum.py --models small --batch-sizes 128 512 2048 8192 --name scale_optimum_batch
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +37,41 @@ SCALES = np.exp(np.linspace(math.log(5.0), math.log(1000.0), 107))  # 5 .. 1000,
 
 
 @torch.no_grad()
-def losses_by_scale(bb, corpus: Corpus, batches: int, seed: int) -> np.ndarray:
-    """Mean loss over `batches` batches for every grid scale: [len(SCALES)]."""
+def losses_by_scale(bb, corpus: Corpus, batches: int, seed: int) -> tuple[np.ndarray, dict]:
+    """Mean loss over `batches` batches for every grid scale ([len(SCALES)]), and the cosine statistics of the
+    same batches: mean cosine of the positive pairs, mean and variance of the negative pairs' cosines."""
     net = bb.model
     total = np.zeros(len(SCALES))
+    pos_sum = pos_n = neg_sum = neg_sq = neg_n = 0.0
     for b in range(batches):
         imgs, text, pos = corpus.batch(seed * 1_000_003 + b)
         cos = F.normalize(net.encode_image(imgs), dim=-1) @ F.normalize(net.encode_text(text), dim=-1).T
         total += [float(contrastive_loss(float(s) * cos, pos)) for s in SCALES]
-    return total / batches
+        is_pos = pos > 0
+        pos_sum, pos_n = pos_sum + float(cos[is_pos].double().sum()), pos_n + int(is_pos.sum())
+        neg = cos[~is_pos].double()
+        neg_sum, neg_sq, neg_n = neg_sum + float(neg.sum()), neg_sq + float((neg * neg).sum()), neg_n + neg.numel()
+    mu = neg_sum / neg_n
+    return total / batches, {"pos_cos": pos_sum / pos_n, "neg_cos": mu, "neg_var": neg_sq / neg_n - mu * mu}
+
+
+def refine_minimum(curve: np.ndarray) -> float:
+    """The loss minimum between grid points: the vertex of the parabola (in log s) through the grid minimum
+    and its two neighbours; the grid value itself at the grid's edge."""
+    i = int(np.argmin(curve))
+    if i in (0, len(curve) - 1):
+        return float(SCALES[i])
+    x, y = np.log(SCALES[i - 1:i + 2]), curve[i - 1:i + 2]
+    a, b, _ = np.polyfit(x, y, 2)
+    return float(math.exp(-b / (2 * a)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["small", "small-v2", "small-v1"])
-    ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--batches", type=int, default=16, help="batches of the first batch size")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128],
+                    help="pairs per batch; every size gets about the same number of pairs in total")
     ap.add_argument("--seed", type=int, default=777, help="batch seed (the training runs used 0)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT))
@@ -54,7 +80,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     # the session-8 leg's batches: 128 pairs, 40% icons, 15% photo-style images, shared captions as positives
-    cfg = PretrainConfig(batch_size=128, icons=0.4, photo_aug=0.15, caption_positives=True)
+    if min(args.batch_sizes) < 2:
+        raise SystemExit("--batch-sizes: a contrastive batch needs at least 2 pairs")
+    cfg = PretrainConfig(batch_size=args.batch_sizes[0], icons=0.4, photo_aug=0.15, caption_positives=True)
+    total_pairs = args.batches * args.batch_sizes[0]
     bb0 = load_backbone(args.models[0])
     corpus = Corpus(cfg, bb0.tokenizer, progress=False)
     results, rows = {}, []
@@ -63,31 +92,53 @@ def main() -> None:
         if bb.model.visual.image_size[0] != cfg.image_size:
             raise SystemExit(f"{model}: image size {bb.model.visual.image_size} is not the recipe's {cfg.image_size}")
         scale = float(bb.logit_scale)
-        curve = losses_by_scale(bb, corpus, args.batches, args.seed)
-        i = int(np.argmin(curve))
-        at = {s: float(np.interp(math.log(s), np.log(SCALES), curve)) for s in (scale, 100.0)}
-        r = {"ident": bb.ident, "logit_scale": scale, "best_scale": float(SCALES[i]), "loss_at_best": float(curve[i]),
-             "loss_at_model_scale": at[scale], "loss_at_100": at[100.0],
-             "best_at_grid_edge": i in (0, len(SCALES) - 1), "curve": curve.tolist()}
-        results[model] = r
-        rows.append([f"`{model}`", r["ident"], f"{scale:.1f}", f"{r['best_scale']:.1f}" + (" (grid edge)" if r["best_at_grid_edge"] else ""),
-                     f"{r['loss_at_model_scale']:.3f}", f"{r['loss_at_100']:.3f}", f"{r['loss_at_best']:.3f}"])
-        print(rows[-1], flush=True)
-    record = {"models": args.models, "batches": args.batches, "seed": args.seed, "scales": SCALES.tolist(),
+        for bs in args.batch_sizes:
+            corpus.cfg = replace(cfg, batch_size=bs)
+            n_batches = max(1, round(total_pairs / bs))
+            curve, stats = losses_by_scale(bb, corpus, n_batches, args.seed)
+            i = int(np.argmin(curve))
+            at = {s: float(np.interp(math.log(s), np.log(SCALES), curve)) for s in (scale, 100.0)}
+            r = {"ident": bb.ident, "logit_scale": scale, "batch_size": bs, "batches": n_batches,
+                 "best_scale": float(SCALES[i]), "best_scale_refined": refine_minimum(curve), "loss_at_best": float(curve[i]),
+                 **stats,
+                 "loss_at_model_scale": at[scale], "loss_at_100": at[100.0],
+                 "best_at_grid_edge": i in (0, len(SCALES) - 1), "curve": curve.tolist()}
+            results[model if len(args.batch_sizes) == 1 else f"{model}@{bs}"] = r
+            rows.append([f"`{model}`", r["ident"]] + ([f"{bs} ({n_batches})"] if len(args.batch_sizes) > 1 else [])
+                        + [f"{scale:.1f}", f"{r['best_scale']:.1f}" + (" (grid edge)" if r["best_at_grid_edge"] else ""),
+                           f"{r['loss_at_model_scale']:.3f}", f"{r['loss_at_100']:.3f}", f"{r['loss_at_best']:.3f}"]
+                        + ([f"{r['best_scale_refined']:.1f}", f"{r['pos_cos']:.3f}", f"{r['neg_cos']:.3f} ± "
+                            f"{math.sqrt(r['neg_var']):.3f}"] if len(args.batch_sizes) > 1 else []))
+            print(rows[-1], flush=True)
+    sizes = " ".join(map(str, args.batch_sizes))
+    record = {"models": args.models, "batches": args.batches, "batch_sizes": args.batch_sizes, "seed": args.seed,
+              "scales": SCALES.tolist(),
               "results": results, "versions": versions(), "seconds": time.time() - t0,
               "command": f"python benchmarks/scale_optimum.py --batches {args.batches} --seed {args.seed} --models "
-                         + " ".join(args.models)}
+                         + " ".join(args.models)
+                         + (f" --batch-sizes {sizes} --name {args.name}" if len(args.batch_sizes) > 1 else "")}
     out = Path(args.out)
     write_json(out / f"{args.name}.json", record)
     md = ["# Where the training loss wants the logit scale\n\n",
-          f"Contrastive loss (symmetric, multi-positive; the pre-training loss) of each checkpoint's frozen features "
-          f"on {args.batches} fresh pre-training batches of 128 pairs (40% icons, 15% photo-style images, shared "
+          "Contrastive loss (symmetric, multi-positive; the pre-training loss) of each checkpoint's frozen features "
+          + (f"on {args.batches} fresh pre-training batches of {cfg.batch_size} pairs" if len(args.batch_sizes) == 1 else
+             f"on fresh pre-training batches of each size in the table ({total_pairs} pairs in total per size; the "
+             "number of batches in brackets)")
+          + " (40% icons, 15% photo-style images, shared "
           f"captions as positives; batch seed {args.seed}, not a training seed), as a function of the logit scale s "
           f"(grid of {len(SCALES)} log-spaced values in 5..1000). For fixed features the loss is convex in s, so s* "
           "is where the learned scale is pulled. CLIP clamps the scale at 100; s* > 100 means training holds it "
-          "there.\n\n",
-          markdown_table(["model", "ident", "learned scale", "s* (loss minimum)", "loss at learned scale",
-                          "loss at 100", "loss at s*"], rows),
+          "there.\n\n"
+          + ("The last columns: s* refined between grid points (a parabola in log s through the grid minimum and its "
+             "neighbours), and the cosines of the positive and the negative pairs over the same batches. When the "
+             "batch is large the loss of a row is about -s pos + log N + log E[exp(s neg)]: the batch size N only "
+             "adds a constant, so s* is set by the features (how far the positives stand above the upper tail of "
+             "the negatives), not by N.\n\n"
+             if len(args.batch_sizes) > 1 else ""),
+          markdown_table(["model", "ident"] + (["batch size (batches)"] if len(args.batch_sizes) > 1 else [])
+                         + ["learned scale", "s* (loss minimum)", "loss at learned scale",
+                          "loss at 100", "loss at s*"]
+                         + (["s* between grid points", "positive cosine", "negative cosine (mean ± std)"] if len(args.batch_sizes) > 1 else []), rows),
           f"\nCommand: `{record['command']}`; wall time {time.time() - t0:.0f} s on {args.threads} CPU thread(s); "
           f"gramvl commit {record['versions']['git_commit']}.\n"]
     write_text(out / f"{args.name}.md", "".join(md))
