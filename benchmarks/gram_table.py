@@ -19,11 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _collect(files: list[str]) -> dict[str, dict]:
+    """Rows by label. `FILE.json:LABEL,LABEL` takes only those labels from a file; a label found in two files
+    is an error (name the one to keep), never a silent choice."""
     out: dict[str, dict] = {}
-    for f in files:
+    for arg in files:
+        f, _, keep = arg.partition(".json:")
+        f = f if f.endswith(".json") else f + ".json"
         rec = json.loads(Path(f).read_text())
-        for label, summary in rec["results"].items():
-            out[label] = {**summary, "_file": Path(f).name, "_seeds": rec["seeds"]}
+        wanted = keep.split(",") if keep else list(rec["results"])
+        missing = [lab for lab in wanted if lab not in rec["results"]]
+        if missing:
+            raise SystemExit(f"{f} has no rows {missing}; it has {sorted(rec['results'])}")
+        for label in wanted:
+            if label in out:
+                raise SystemExit(f"row {label!r} is in {out[label]['_file']} and {Path(f).name}: "
+                                 f"pick one with FILE.json:LABEL")
+            out[label] = {**rec["results"][label], "_file": Path(f).name, "_seeds": rec["seeds"]}
     return out
 
 
@@ -74,7 +85,8 @@ def main() -> None:
             verdict[h] = {"hm": beats(0), f"{args.shot}-shot": beats(1)}
     headers = ["method", "base %", "new %", "HM % (± per-dataset std)", f"{args.shot}-shot %"]
     lines = [f"# {args.name}\n\n", "Host, its lr control and host + GRAM side by side (mean over seeds, ± std over "
-             "seeds). Collected from: " + ", ".join(Path(f).name for f in args.base2new + args.fewshot) + ".\n\n",
+             "seeds). Collected from: " + ", ".join(Path(f).name for f in args.base2new + args.fewshot)
+             + " (FILE:LABEL: only that row of the file).\n\n",
              markdown_table(headers, rows), "\n"]
     if verdict:
         lines.append("GRAM >= host and >= its lr control:\n\n")

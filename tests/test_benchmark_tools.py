@@ -1,0 +1,34 @@
+"""The table assembler in benchmarks/: rows are taken by label from result files, never chosen silently."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gram_table():
+    spec = importlib.util.spec_from_file_location("gram_table", ROOT / "benchmarks" / "gram_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _result(path: Path, labels: dict[str, float]) -> str:
+    path.write_text(json.dumps({"seeds": [1, 2, 3], "results": {k: {"average": {"hm": v}} for k, v in labels.items()}}))
+    return str(path)
+
+
+def test_collect_takes_rows_by_label_and_refuses_a_silent_choice(tmp_path):
+    g = _gram_table()
+    a = _result(tmp_path / "a.json", {"cocoop": 0.1, "cocoop + GRAM": 0.2})
+    b = _result(tmp_path / "b.json", {"cocoop + GRAM": 0.3})
+    with pytest.raises(SystemExit, match="'cocoop \\+ GRAM' is in a.json and b.json"):
+        g._collect([a, b])
+    rows = g._collect([a + ":cocoop", b])
+    assert {k: v["average"]["hm"] for k, v in rows.items()} == {"cocoop": 0.1, "cocoop + GRAM": 0.3}
+    assert rows["cocoop + GRAM"]["_file"] == "b.json"
+    with pytest.raises(SystemExit, match="has no rows \\['vpt'\\]"):
+        g._collect([a + ":vpt"])
