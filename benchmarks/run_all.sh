@@ -415,3 +415,66 @@ OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods kgcoop ivlp maple --mul
 # ---- session 10: does the batch size move the loss's optimum scale? (docs/pretraining.md, session 10) ----
 OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --models small small-v1 --batches 32 \
     --batch-sizes 128 512 2048 8192 --name scale_optimum_batch   # -> docs/results/scale_optimum_batch.md
+# GRAM on every host with the current model (session-6 recipes, meta-trained again on this model; emoji-nature, 3 seeds)
+OMP_NUM_THREADS=1 $PY -m gramvl --quiet meta-train --host vpt --steps 300 --set meta.time_budget_s=720 meta.second_order=false \
+    --out runs/gram10/vpt.safetensors &
+OMP_NUM_THREADS=1 $PY -m gramvl --quiet meta-train --host maple --steps 300 --set meta.time_budget_s=600 meta.second_order=false \
+    meta.theta_anchor=0.5 --out runs/gram10/maple_anchor05.safetensors &
+wait
+OMP_NUM_THREADS=2 $PY -m gramvl --quiet meta-train --host ivlp --unigram --steps 300 --set meta.time_budget_s=540 meta.second_order=false \
+    meta.theta_anchor=0.5 --out runs/gram10/unigram_anchor05.safetensors
+OMP_NUM_THREADS=2 $PY -m gramvl --quiet meta-train --host coop --steps 600 --set 'meta.host_cfg={n_ctx: 4, ctx_init: "a photo of a"}' \
+    meta.theta_anchor=0.5 --out runs/gram10/m4_anchor05.safetensors
+G4=runs/gram8/coop_m4.safetensors; A5=runs/gram10/m4_anchor05.safetensors
+eval $P1 --name base2new_vpt_gram_v3 --protocol base2new --methods vpt --gram runs/gram10/vpt.safetensors --lr-control 0.95 &
+eval $P1 --name base2new_maple_gram_v3 --protocol base2new --methods maple --gram runs/gram10/maple_anchor05.safetensors --lr-control 0.95
+wait
+eval $P1 --name base2new_unigram_gram_v3 --protocol base2new --methods ivlp --gram runs/gram10/unigram_anchor05.safetensors --lr-control 0.95 &
+eval $P1 --name fewshot1_vpt_gram_v3 --protocol fewshot --shots 1 --methods vpt --gram runs/gram10/vpt.safetensors
+wait
+eval $P1 --name fewshot1_maple_gram_v3 --protocol fewshot --shots 1 --methods maple --gram runs/gram10/maple_anchor05.safetensors &
+eval $P1 --name fewshot1_unigram_gram_v3 --protocol fewshot --shots 1 --methods ivlp --gram runs/gram10/unigram_anchor05.safetensors
+wait
+eval $P1 --name fewshot1_cocoop_gram_v3 --protocol fewshot --shots 1 --methods cocoop --gram $G4 &
+eval $P1 --name fewshot1_coop4_gram_v3 --protocol fewshot --shots 1 --methods coop --gram-only --gram $G4 --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P1 --name fewshot1_coop4_gram_anchor05_v3 --protocol fewshot --shots 1 --methods coop --gram-only --gram $A5 --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P1 --name base2new_coop4_gram_anchor05_v3 --protocol base2new --methods coop --gram-only --gram $A5 --set n_ctx=4 "'ctx_init=a photo of a'"
+wait
+eval $P1 --name fewshot1_cocoop_gram_anchor05_v3 --protocol fewshot --shots 1 --methods cocoop --gram-only --gram $A5 &
+eval $P1 --name base2new_cocoop_gram_anchor05_v3 --protocol base2new --methods cocoop --gram-only --gram $A5
+wait
+eval $P1 --name fewshot1_coop4_gram_parts_v3 --protocol fewshot --shots 1 --methods coop --gram-only --gram-parts init regulator \
+    --gram $A5 --set n_ctx=4 "'ctx_init=a photo of a'"
+OMP_NUM_THREADS=2 $PY benchmarks/theta_zeroshot.py --artifacts $G4 $A5 gramvl/assets/gram_coop_v3.safetensors --name theta_zeroshot_v3
+R=docs/results
+$PY benchmarks/gram_table.py --name gram_hosts_v3 --hosts coop cocoop vpt maple ivlp \
+  --base2new $R/base2new_coop_gram_v3.json $R/base2new_cocoop_v3.json $R/base2new_cocoop_gram_anchor05_v3.json $R/base2new_vpt_gram_v3.json \
+    $R/base2new_maple_gram_v3.json $R/base2new_unigram_gram_v3.json \
+  --fewshot $R/fewshot1_coop_v3.json:coop $R/fewshot1_coop_gram_v3.json $R/fewshot1_cocoop_gram_v3.json:cocoop \
+    $R/fewshot1_cocoop_gram_anchor05_v3.json $R/fewshot1_vpt_gram_v3.json $R/fewshot1_maple_gram_v3.json $R/fewshot1_unigram_gram_v3.json \
+  --note "..."   # the note as in docs/results/gram_hosts_v3.md
+$PY benchmarks/gram_table.py --name gram_coop4_v3 --hosts coop \
+  --base2new "$R/base2new_coop4_gram_v3.json:coop,coop (lr x0.95)" $R/base2new_coop4_gram_anchor05_v3.json \
+  --fewshot $R/fewshot1_coop4_v3.json $R/fewshot1_coop4_gram_anchor05_v3.json --note "..."   # the note as in gram_coop4_v3.md
+# CoOp M = 4 + GRAM loses 6 points at 1 shot with the 0.5 anchor: the anchor radius chosen again on val (0.5 / 0.25 / 0.1)
+for r in 0.25 0.1; do n=anchor$(echo $r | tr -d .)
+  OMP_NUM_THREADS=1 $PY -m gramvl --quiet meta-train --host coop --steps 600 --set 'meta.host_cfg={n_ctx: 4, ctx_init: "a photo of a"}' \
+      meta.theta_anchor=$r --out runs/gram10/m4_$n.safetensors &
+done
+wait
+V10="OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --seeds 1 2 3 --datasets emoji-nature --eval-split val --runs runs/val"
+eval $V10 --name val_fewshot_coop4_v3 --protocol fewshot --shots 1 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'" &
+eval $V10 --name val_b2n_coop4_v3 --protocol base2new --methods coop --set n_ctx=4 "'ctx_init=a photo of a'"
+wait
+for n in anchor05 anchor025 anchor01; do
+  eval $V10 --name val_fewshot_coop4_${n}_v3 --protocol fewshot --shots 1 --methods coop --gram-only --gram runs/gram10/m4_$n.safetensors --set n_ctx=4 "'ctx_init=a photo of a'" &
+  eval $V10 --name val_b2n_coop4_${n}_v3 --protocol base2new --methods coop --gram-only --gram runs/gram10/m4_$n.safetensors --set n_ctx=4 "'ctx_init=a photo of a'"
+  wait
+done
+# the val choice (0.25) on test, for CoOp M = 4 and CoCoOp
+A=runs/gram10/m4_anchor025.safetensors
+eval $P1 --name fewshot1_coop4_gram_anchor025_v3 --protocol fewshot --shots 1 --methods coop --gram-only --gram $A --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P1 --name base2new_coop4_gram_anchor025_v3 --protocol base2new --methods coop --gram-only --gram $A --set n_ctx=4 "'ctx_init=a photo of a'" &
+eval $P1 --name fewshot1_cocoop_gram_anchor025_v3 --protocol fewshot --shots 1 --methods cocoop --gram-only --gram $A
+wait
+eval $P1 --name base2new_cocoop_gram_anchor025_v3 --protocol base2new --methods cocoop --gram-only --gram $A
