@@ -478,3 +478,7 @@ eval $P1 --name base2new_coop4_gram_anchor025_v3 --protocol base2new --methods c
 eval $P1 --name fewshot1_cocoop_gram_anchor025_v3 --protocol fewshot --shots 1 --methods cocoop --gram-only --gram $A
 wait
 eval $P1 --name base2new_cocoop_gram_anchor025_v3 --protocol base2new --methods cocoop --gram-only --gram $A
+# few-shot curves with GRAM on the current model: CoOp (shipped artifact, with the lr control) and MaPLe
+eval $P1 --name fewshot_coop_gram_curve_v3 --protocol fewshot --shots 1 2 4 8 16 --methods coop --gram gramvl/assets/gram_coop_v3.safetensors --lr-control 0.95 &
+eval $P1 --name fewshot_maple_gram_curve_v3 --protocol fewshot --shots 2 4 8 16 --methods maple --gram runs/gram10/maple_anchor05.safetensors
+wait
