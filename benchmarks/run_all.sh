@@ -484,3 +484,9 @@ eval $P1 --name fewshot_maple_gram_curve_v3 --protocol fewshot --shots 2 4 8 16 
 wait
 OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-animals emoji-activities --seeds 1 2 3 --name fewshot_coop_gram_curve_2ds_v3 \
     --protocol fewshot --shots 1 2 4 8 --methods coop --gram gramvl/assets/gram_coop_v3.safetensors
+# cross-dataset and DG for CoOp with GRAM on the current model
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 2 3 --name dg_coop_gram_v3 --protocol dg --methods coop \
+    --gram gramvl/assets/gram_coop_v3.safetensors &
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --seeds 1 2 3 --name xd_coop_gram_v3 --protocol xd --datasets $D7 --methods coop \
+    --gram gramvl/assets/gram_coop_v3.safetensors
+wait
