@@ -23,8 +23,8 @@ def _collect(files: list[str]) -> dict[str, dict]:
     is an error (name the one to keep), never a silent choice."""
     out: dict[str, dict] = {}
     for arg in files:
-        f, _, keep = arg.partition(".json:")
-        f = f if f.endswith(".json") else f + ".json"
+        f, keep = arg.split(".json:", 1) if ".json:" in arg else (arg, "")
+        f = f + ".json" if keep else f
         rec = json.loads(Path(f).read_text())
         wanted = keep.split(",") if keep else list(rec["results"])
         missing = [lab for lab in wanted if lab not in rec["results"]]

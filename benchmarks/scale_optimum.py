@@ -8,7 +8,8 @@ drawn with seeds the training runs never used.
 
 `--batch-sizes 128 512 4096 ...` repeats the measurement at larger batches (the same number of pairs in
 total, so each size sees about as many images): real CLIP learns its scale of ~100 with 32,768 pairs per
-batch, and more negatives per row sharpen the loss's optimum.
+batch, so this asks whether more negatives per row move the loss's optimum (measured: they do not,
+docs/pretraining.md, session 10).
 
 Writes docs/results/scale_optimum.{json,md}.
     python benchmarks/scale_optimum.py --models small small-v2 small-v1 runs/x/best.safetensors
@@ -79,11 +80,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    # the session-8 leg's batches: 128 pairs, 40% icons, 15% photo-style images, shared captions as positives
+    # the session-8 leg's batches (128 pairs unless --batch-sizes), 40% icons, 15% photo-style images, shared
+    # captions as positives
     if min(args.batch_sizes) < 2:
         raise SystemExit("--batch-sizes: a contrastive batch needs at least 2 pairs")
     cfg = PretrainConfig(batch_size=args.batch_sizes[0], icons=0.4, photo_aug=0.15, caption_positives=True)
     total_pairs = args.batches * args.batch_sizes[0]
+    multi = len(args.batch_sizes) > 1  # one row per model and size, with the extra columns
     bb0 = load_backbone(args.models[0])
     corpus = Corpus(cfg, bb0.tokenizer, progress=False)
     results, rows = {}, []
@@ -103,12 +106,12 @@ def main() -> None:
                  **stats,
                  "loss_at_model_scale": at[scale], "loss_at_100": at[100.0],
                  "best_at_grid_edge": i in (0, len(SCALES) - 1), "curve": curve.tolist()}
-            results[model if len(args.batch_sizes) == 1 else f"{model}@{bs}"] = r
-            rows.append([f"`{model}`", r["ident"]] + ([f"{bs} ({n_batches})"] if len(args.batch_sizes) > 1 else [])
+            results[f"{model}@{bs}" if multi else model] = r
+            rows.append([f"`{model}`", r["ident"]] + ([f"{bs} ({n_batches})"] if multi else [])
                         + [f"{scale:.1f}", f"{r['best_scale']:.1f}" + (" (grid edge)" if r["best_at_grid_edge"] else ""),
                            f"{r['loss_at_model_scale']:.3f}", f"{r['loss_at_100']:.3f}", f"{r['loss_at_best']:.3f}"]
                         + ([f"{r['best_scale_refined']:.1f}", f"{r['pos_cos']:.3f}", f"{r['neg_cos']:.3f} ± "
-                            f"{math.sqrt(r['neg_var']):.3f}"] if len(args.batch_sizes) > 1 else []))
+                            f"{math.sqrt(r['neg_var']):.3f}"] if multi else []))
             print(rows[-1], flush=True)
     sizes = " ".join(map(str, args.batch_sizes))
     record = {"models": args.models, "batches": args.batches, "batch_sizes": args.batch_sizes, "seed": args.seed,
@@ -116,14 +119,14 @@ def main() -> None:
               "results": results, "versions": versions(), "seconds": time.time() - t0,
               "command": f"python benchmarks/scale_optimum.py --batches {args.batches} --seed {args.seed} --models "
                          + " ".join(args.models)
-                         + (f" --batch-sizes {sizes} --name {args.name}" if len(args.batch_sizes) > 1 else "")}
+                         + (f" --batch-sizes {sizes} --name {args.name}" if multi else "")}
     out = Path(args.out)
     write_json(out / f"{args.name}.json", record)
     md = ["# Where the training loss wants the logit scale\n\n",
           "Contrastive loss (symmetric, multi-positive; the pre-training loss) of each checkpoint's frozen features "
-          + (f"on {args.batches} fresh pre-training batches of {cfg.batch_size} pairs" if len(args.batch_sizes) == 1 else
-             f"on fresh pre-training batches of each size in the table ({total_pairs} pairs in total per size; the "
-             "number of batches in brackets)")
+          + (f"on fresh pre-training batches of each size in the table ({total_pairs} pairs in total per size; the "
+             "number of batches in brackets)" if multi else
+             f"on {args.batches} fresh pre-training batches of {cfg.batch_size} pairs")
           + " (40% icons, 15% photo-style images, shared "
           f"captions as positives; batch seed {args.seed}, not a training seed), as a function of the logit scale s "
           f"(grid of {len(SCALES)} log-spaced values in 5..1000). For fixed features the loss is convex in s, so s* "
@@ -133,12 +136,12 @@ def main() -> None:
              "neighbours), and the cosines of the positive and the negative pairs over the same batches. When the "
              "batch is large the loss of a row is about -s pos + log N + log E[exp(s neg)]: the batch size N only "
              "adds a constant, so s* is set by the features (how far the positives stand above the upper tail of "
-             "the negatives), not by N.\n\n"
-             if len(args.batch_sizes) > 1 else ""),
-          markdown_table(["model", "ident"] + (["batch size (batches)"] if len(args.batch_sizes) > 1 else [])
+             "the negatives), not by N.\n\n" if multi else ""),
+          markdown_table(["model", "ident"] + (["batch size (batches)"] if multi else [])
                          + ["learned scale", "s* (loss minimum)", "loss at learned scale",
                           "loss at 100", "loss at s*"]
-                         + (["s* between grid points", "positive cosine", "negative cosine (mean ± std)"] if len(args.batch_sizes) > 1 else []), rows),
+                         + (["s* between grid points", "positive cosine", "negative cosine (mean ± std)"] if multi else []),
+                         rows),
           f"\nCommand: `{record['command']}`; wall time {time.time() - t0:.0f} s on {args.threads} CPU thread(s); "
           f"gramvl commit {record['versions']['git_commit']}.\n"]
     write_text(out / f"{args.name}.md", "".join(md))
