@@ -482,11 +482,11 @@ eval $P1 --name base2new_cocoop_gram_anchor025_v3 --protocol base2new --methods 
 eval $P1 --name fewshot_coop_gram_curve_v3 --protocol fewshot --shots 1 2 4 8 16 --methods coop --gram gramvl/assets/gram_coop_v3.safetensors --lr-control 0.95 &
 eval $P1 --name fewshot_maple_gram_curve_v3 --protocol fewshot --shots 2 4 8 16 --methods maple --gram runs/gram10/maple_anchor05.safetensors
 wait
-OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-animals emoji-activities --seeds 1 2 3 --name fewshot_coop_gram_curve_2ds_v3 \
+eval $P3 --datasets emoji-animals emoji-activities --name fewshot_coop_gram_curve_2ds_v3 \
     --protocol fewshot --shots 1 2 4 8 --methods coop --gram gramvl/assets/gram_coop_v3.safetensors
 # cross-dataset and DG for CoOp with GRAM on the current model
-OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 2 3 --name dg_coop_gram_v3 --protocol dg --methods coop \
+eval $P1 --name dg_coop_gram_v3 --protocol dg --methods coop \
     --gram gramvl/assets/gram_coop_v3.safetensors &
-OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --seeds 1 2 3 --name xd_coop_gram_v3 --protocol xd --datasets $D7 --methods coop \
+eval $P3 --name xd_coop_gram_v3 --protocol xd --datasets $D7 --methods coop \
     --gram gramvl/assets/gram_coop_v3.safetensors
 wait
