@@ -1,13 +1,16 @@
 """One table of every host with and without GRAM across the protocols, assembled from the protocol summaries
 in docs/results/ (no run of its own): base-to-new HM, 1 to 16 shots, cross-dataset and DG on emoji-nature,
 3 seeds each. Each cell is `host -> host + GRAM (difference)`; the sources of every cell are listed under the
-table. Writes docs/results/gram_summary.{json,md}.
+table. Two tables: sessions 1-6 on small-v1 (docs/results/gram_summary.{json,md}) and the current `small`
+(sessions 8-11, docs/results/gram_summary_v3.{json,md}).
 
-    python benchmarks/gram_summary.py
+    python benchmarks/gram_summary.py            # both
+    python benchmarks/gram_summary.py --only v3
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -22,7 +25,7 @@ HEAD = {"hm": "base-to-new HM", "1": "1 shot", "2": "2 shots", "4": "4 shots", "
 # host -> (artifact, {column: ((host file, host row), (GRAM file, GRAM row))}); a file holds one protocol
 # summary (benchmarks/protocols.py); a curve file covers the columns 2-16 (and 1 where it has it)
 C = "coop + GRAM"
-SOURCES = {
+SOURCES_V1 = {
     "CoOp (M = 16, random init)": ("gramvl/assets/gram_coop.safetensors (shipped default, session 4)", {
         "hm": (("base2new_coop_gram2", "coop"), ("base2new_coop_gram4", C)),
         "curve": (("fewshot_text_hosts", "coop"), ("fewshot_coop_gram4_curve", C)),
@@ -59,6 +62,47 @@ SOURCES = {
 }
 
 
+G = "cocoop + GRAM"
+SOURCES_V3 = {
+    "CoOp (M = 16, random init)": ("gramvl/assets/gram_coop_v3.safetensors (shipped default of `small`)", {
+        "hm": (("base2new_coop_gram_v3", "coop"), ("base2new_coop_gram_v3", C)),
+        "curve": (("fewshot_coop_gram_curve_v3", "coop"), ("fewshot_coop_gram_curve_v3", C)),
+        "xd": (("xd_coop_gram_v3", "coop"), ("xd_coop_gram_v3", C)),
+        "dg": (("dg_coop_gram_v3", "coop"), ("dg_coop_gram_v3", C))}),
+    "CoOp (M = 4, 'a photo of a')": ("runs/gram10/m4_anchor025 (θ anchored to the words, radius 0.25 chosen on val)", {
+        "hm": (("base2new_coop4_gram_v3", "coop"), ("base2new_coop4_gram_anchor025_v3", C)),
+        "1": (("fewshot1_coop4_v3", "coop"), ("fewshot1_coop4_gram_anchor025_v3", C)),
+        "curve": (("fewshot_coop4_gram_curve_v3", "coop"), ("fewshot_coop4_gram_curve_v3", C))}),
+    "CoCoOp": ("runs/gram10/m4_anchor025 (the CoOp M = 4 artifact)", {
+        "hm": (("base2new_cocoop_v3", "cocoop"), ("base2new_cocoop_gram_anchor025_v3", G)),
+        "1": (("fewshot1_cocoop_gram_v3", "cocoop"), ("fewshot1_cocoop_gram_anchor025_v3", G)),
+        "curve": (("fewshot_cocoop_gram_curve_v3", "cocoop"), ("fewshot_cocoop_gram_curve_v3", G)),
+        "xd": (("xd_cocoop_gram_v3", "cocoop"), ("xd_cocoop_gram_v3", G)),
+        "dg": (("dg_cocoop_gram_v3", "cocoop"), ("dg_cocoop_gram_v3", G))}),
+    "VPT (shallow, 8 tokens)": ("runs/gram10/vpt (first order, session 10)", {
+        "hm": (("base2new_vpt_gram_v3", "vpt"), ("base2new_vpt_gram_v3", "vpt + GRAM")),
+        "1": (("fewshot1_vpt_gram_v3", "vpt"), ("fewshot1_vpt_gram_v3", "vpt + GRAM"))}),
+    "MaPLe": ("runs/gram10/maple_anchor05 (anchored, first order, session 10) for HM and 1-16 shots; "
+              "runs/gram11/maple_anchor05 (the same recipe meta-trained again, session 11) for cross-dataset and DG", {
+        "hm": (("base2new_maple_gram_v3", "maple"), ("base2new_maple_gram_v3", "maple + GRAM")),
+        "1": (("fewshot1_maple_gram_v3", "maple"), ("fewshot1_maple_gram_v3", "maple + GRAM")),
+        "curve": (("fewshot_maple_gram_curve_v3", "maple"), ("fewshot_maple_gram_curve_v3", "maple + GRAM")),
+        "xd": (("xd_maple_gram_v3", "maple"), ("xd_maple_gram_v3", "maple + GRAM")),
+        "dg": (("dg_maple_gram_v3", "maple"), ("dg_maple_gram_v3", "maple + GRAM"))}),
+    "IVLP + UNIGRAM": ("runs/gram10/unigram_anchor05 (text + visual slots, anchored, session 10)", {
+        "hm": (("base2new_unigram_gram_v3", "ivlp"), ("base2new_unigram_gram_v3", "ivlp + GRAM")),
+        "1": (("fewshot1_unigram_gram_v3", "ivlp"), ("fewshot1_unigram_gram_v3", "ivlp + GRAM"))}),
+}
+# which -> (sources, model, output name, what the anchors were)
+TABLES = {
+    "v1": (SOURCES_V1, "small-v1, sessions 1-6", "gram_summary",
+           "Word-initialised hosts use θ* anchored to the words (`meta.theta_anchor=0.5`, session 5)."),
+    "v3": (SOURCES_V3, "`small`, sessions 8-11", "gram_summary_v3",
+           "Word-initialised hosts use θ* anchored to the words: radius 0.25 for CoOp M = 4 and CoCoOp (chosen on "
+           "val, session 10), 0.5 for MaPLe and IVLP + UNIGRAM (session 6's radius)."),
+}
+
+
 def _value(file: str, row: str, column: str) -> tuple[float, float] | None:
     """(mean, std over seeds) in %, or None where the file or the row does not exist."""
     path = RES / f"{file}.json"
@@ -76,9 +120,9 @@ def _value(file: str, row: str, column: str) -> tuple[float, float] | None:
     return 100 * entry["average"][key], 100 * per.get(f"{key}_std", float("nan"))
 
 
-def collect() -> dict:
+def collect(sources: dict) -> dict:
     out = {}
-    for host, (artifact, spec) in SOURCES.items():
+    for host, (artifact, spec) in sources.items():
         cells = {}
         for col in COLUMNS:
             key = col if col in spec else ("curve" if col in "1 2 4 8 16".split() and "curve" in spec else None)
@@ -93,8 +137,9 @@ def collect() -> dict:
     return out
 
 
-def main() -> None:
-    table = collect()
+def write_summary(which: str) -> None:
+    sources_by_host, model, name, anchors = TABLES[which]
+    table = collect(sources_by_host)
     rows, wins = [], []
     for host, t in table.items():
         cells = t["cells"]
@@ -111,20 +156,27 @@ def main() -> None:
         for col, c in t["cells"].items():
             sources.append(f"- {host}, {HEAD[col]}: `{c['sources'][0]}` vs `{c['sources'][1]}`\n")
     text = [
-        "# GRAM on every host, every protocol (emoji-nature, 3 seeds)\n\n",
+        f"# GRAM on every host, every protocol (emoji-nature, 3 seeds, model {model})\n\n",
         "Each cell: host → host + GRAM (difference), accuracy % (HM % for base-to-new), mean ± std over seeds "
         "1-3, "
         "test splits. Base-to-new, cross-dataset and DG train on 16 shots; cross-dataset evaluates on the six "
         "other OpenMoji colour datasets, DG on emoji-nature's line-art set. Assembled by "
         "`benchmarks/gram_summary.py` from the protocol summaries named at the bottom (no run of its own); "
-        "'-' where no run exists. Word-initialised hosts use θ* anchored to the words (`meta.theta_anchor=0.5`, "
-        "session 5); the artifact of each row is named in the second table.\n\n",
+        "'-' where no run exists. " + anchors + " The artifact of each row is named in the second table.\n\n",
         markdown_table(["host", *[HEAD[c] for c in COLUMNS]], rows),
         "\n", markdown_table(["host", "GRAM artifact", "cells where host + GRAM >= host"], wins),
         "\nSources (file: row):\n\n", *sources]
-    write_json(RES / "gram_summary.json", table)
-    write_text(RES / "gram_summary.md", "".join(text))
+    write_json(RES / f"{name}.json", table)
+    write_text(RES / f"{name}.md", "".join(text))
     print("".join(text[:3]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=sorted(TABLES), help="write one table (default: both)")
+    args = ap.parse_args()
+    for which in [args.only] if args.only else sorted(TABLES):
+        write_summary(which)
 
 
 if __name__ == "__main__":

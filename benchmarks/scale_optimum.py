@@ -11,9 +11,14 @@ total, so each size sees about as many images): real CLIP learns its scale of ~1
 batch, so this asks whether more negatives per row move the loss's optimum (measured: they do not,
 docs/pretraining.md, session 10).
 
+`--images augmented unaugmented` measures each model on the same pairs twice: with the training augmentation
+and with the images only resized, and adds the in-batch top-1 (is the style and geometry augmentation what
+keeps s* low? Measured: no, docs/pretraining.md, session 11).
+
 Writes docs/results/scale_optimum.{json,md}.
     python benchmarks/scale_optimum.py --models small small-v2 small-v1 runs/x/best.safetensors
     python benchmarks/scale_optimum.py --models small --batch-sizes 128 512 2048 8192 --name scale_optimum_batch
+    python benchmarks/scale_optimum.py --models small small-v1 --images augmented unaugmented --name scale_optimum_unaugmented
 """
 
 from __future__ import annotations
@@ -38,22 +43,26 @@ SCALES = np.exp(np.linspace(math.log(5.0), math.log(1000.0), 107))  # 5 .. 1000,
 
 
 @torch.no_grad()
-def losses_by_scale(bb, corpus: Corpus, batches: int, seed: int) -> tuple[np.ndarray, dict]:
-    """Mean loss over `batches` batches for every grid scale ([len(SCALES)]), and the cosine statistics of the
-    same batches: mean cosine of the positive pairs, mean and variance of the negative pairs' cosines."""
+def losses_by_scale(bb, corpus: Corpus, batches: int, seed: int, augmented: bool = True) -> tuple[np.ndarray, dict]:
+    """Mean loss over `batches` batches for every grid scale ([len(SCALES)]), and the statistics of the same
+    batches: mean cosine of the positive pairs, mean and variance of the negative pairs' cosines, and the
+    in-batch top-1 (share of images whose most similar caption in the batch is a positive one)."""
     net = bb.model
     total = np.zeros(len(SCALES))
-    pos_sum = pos_n = neg_sum = neg_sq = neg_n = 0.0
+    pos_sum = pos_n = neg_sum = neg_sq = neg_n = top1 = rows = 0.0
     for b in range(batches):
-        imgs, text, pos = corpus.batch(seed * 1_000_003 + b)
+        imgs, text, pos = corpus.batch(seed * 1_000_003 + b, augmented=augmented)
         cos = F.normalize(net.encode_image(imgs), dim=-1) @ F.normalize(net.encode_text(text), dim=-1).T
         total += [float(contrastive_loss(float(s) * cos, pos)) for s in SCALES]
+        top1 += float((pos.gather(1, cos.argmax(1, keepdim=True)) > 0).sum())
+        rows += len(cos)
         is_pos = pos > 0
         pos_sum, pos_n = pos_sum + float(cos[is_pos].double().sum()), pos_n + int(is_pos.sum())
         neg = cos[~is_pos].double()
         neg_sum, neg_sq, neg_n = neg_sum + float(neg.sum()), neg_sq + float((neg * neg).sum()), neg_n + neg.numel()
     mu = neg_sum / neg_n
-    return total / batches, {"pos_cos": pos_sum / pos_n, "neg_cos": mu, "neg_var": neg_sq / neg_n - mu * mu}
+    return total / batches, {"pos_cos": pos_sum / pos_n, "neg_cos": mu, "neg_var": neg_sq / neg_n - mu * mu,
+                             "in_batch_top1": top1 / rows}
 
 
 def refine_minimum(curve: np.ndarray) -> float:
@@ -74,6 +83,9 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128],
                     help="pairs per batch; every size gets about the same number of pairs in total")
     ap.add_argument("--seed", type=int, default=777, help="batch seed (the training runs used 0)")
+    ap.add_argument("--images", nargs="+", choices=["augmented", "unaugmented"], default=["augmented"],
+                    help="augmented: the training augmentation; unaugmented: the same pairs and captions with the "
+                         "images only resized (no style or geometry augmentation); both: one row each")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--name", default="scale_optimum")
@@ -86,7 +98,9 @@ def main() -> None:
         raise SystemExit("--batch-sizes: a contrastive batch needs at least 2 pairs")
     cfg = PretrainConfig(batch_size=args.batch_sizes[0], icons=0.4, photo_aug=0.15, caption_positives=True)
     total_pairs = args.batches * args.batch_sizes[0]
-    multi = len(args.batch_sizes) > 1  # one row per model and size, with the extra columns
+    multi = len(args.batch_sizes) > 1  # one row per model and size
+    both = len(args.images) > 1  # one row per model, size and kind of images
+    extra = multi or args.images != ["augmented"]  # the extra columns
     bb0 = load_backbone(args.models[0])
     corpus = Corpus(cfg, bb0.tokenizer, progress=False)
     results, rows = {}, []
@@ -95,23 +109,25 @@ def main() -> None:
         if bb.model.visual.image_size[0] != cfg.image_size:
             raise SystemExit(f"{model}: image size {bb.model.visual.image_size} is not the recipe's {cfg.image_size}")
         scale = float(bb.logit_scale)
-        for bs in args.batch_sizes:
+        for bs, images in [(bs, im) for bs in args.batch_sizes for im in args.images]:
             corpus.cfg = replace(cfg, batch_size=bs)
             n_batches = max(1, round(total_pairs / bs))
-            curve, stats = losses_by_scale(bb, corpus, n_batches, args.seed)
+            curve, stats = losses_by_scale(bb, corpus, n_batches, args.seed, augmented=images == "augmented")
             i = int(np.argmin(curve))
             at = {s: float(np.interp(math.log(s), np.log(SCALES), curve)) for s in (scale, 100.0)}
             r = {"ident": bb.ident, "logit_scale": scale, "batch_size": bs, "batches": n_batches,
                  "best_scale": float(SCALES[i]), "best_scale_refined": refine_minimum(curve), "loss_at_best": float(curve[i]),
                  **stats,
                  "loss_at_model_scale": at[scale], "loss_at_100": at[100.0],
-                 "best_at_grid_edge": i in (0, len(SCALES) - 1), "curve": curve.tolist()}
-            results[f"{model}@{bs}" if multi else model] = r
+                 "best_at_grid_edge": i in (0, len(SCALES) - 1), "images": images,
+                 "curve": curve.tolist()}
+            results[(f"{model}@{bs}" if multi else model) + (f":{images}" if both else "")] = r
             rows.append([f"`{model}`", r["ident"]] + ([f"{bs} ({n_batches})"] if multi else [])
+                        + ([images] if both else [])
                         + [f"{scale:.1f}", f"{r['best_scale']:.1f}" + (" (grid edge)" if r["best_at_grid_edge"] else ""),
                            f"{r['loss_at_model_scale']:.3f}", f"{r['loss_at_100']:.3f}", f"{r['loss_at_best']:.3f}"]
                         + ([f"{r['best_scale_refined']:.1f}", f"{r['pos_cos']:.3f}", f"{r['neg_cos']:.3f} ± "
-                            f"{math.sqrt(r['neg_var']):.3f}"] if multi else []))
+                            f"{math.sqrt(r['neg_var']):.3f}", f"{100 * r['in_batch_top1']:.1f}"] if extra else []))
             print(rows[-1], flush=True)
     sizes = " ".join(map(str, args.batch_sizes))
     record = {"models": args.models, "batches": args.batches, "batch_sizes": args.batch_sizes, "seed": args.seed,
@@ -119,7 +135,8 @@ def main() -> None:
               "results": results, "versions": versions(), "seconds": time.time() - t0,
               "command": f"python benchmarks/scale_optimum.py --batches {args.batches} --seed {args.seed} --models "
                          + " ".join(args.models)
-                         + (f" --batch-sizes {sizes} --name {args.name}" if multi else "")}
+                         + (f" --batch-sizes {sizes}" if multi else "") + (" --images " + " ".join(args.images) if args.images != ["augmented"] else "")
+                         + (f" --name {args.name}" if args.name != "scale_optimum" else "")}
     out = Path(args.out)
     write_json(out / f"{args.name}.json", record)
     md = ["# Where the training loss wants the logit scale\n\n",
@@ -127,20 +144,25 @@ def main() -> None:
           + (f"on fresh pre-training batches of each size in the table ({total_pairs} pairs in total per size; the "
              "number of batches in brackets)" if multi else
              f"on {args.batches} fresh pre-training batches of {cfg.batch_size} pairs")
-          + " (40% icons, 15% photo-style images, shared "
-          f"captions as positives; batch seed {args.seed}, not a training seed), as a function of the logit scale s "
+          + (" (40% icons, 15% photo-style images, shared " if args.images == ["augmented"] else
+             " (40% icons; images: 'augmented' with the training augmentation, 15% of them photo-style, "
+             "'unaugmented' the same pairs with the images only resized; shared ")
+          + f"captions as positives; batch seed {args.seed}, not a training seed), as a function of the logit scale s "
           f"(grid of {len(SCALES)} log-spaced values in 5..1000). For fixed features the loss is convex in s, so s* "
           "is where the learned scale is pulled. CLIP clamps the scale at 100; s* > 100 means training holds it "
           "there.\n\n"
           + ("The last columns: s* refined between grid points (a parabola in log s through the grid minimum and its "
-             "neighbours), and the cosines of the positive and the negative pairs over the same batches. When the "
-             "batch is large the loss of a row is about -s pos + log N + log E[exp(s neg)]: the batch size N only "
+             "neighbours), the cosines of the positive and the negative pairs over the same batches, and the in-batch "
+             "top-1: the share of images whose most similar caption in their batch is a positive one.\n\n"
+             if extra else "")
+          + ("When the batch is large the loss of a row is about -s pos + log N + log E[exp(s neg)]: the batch size N only "
              "adds a constant, so s* is set by the features (how far the positives stand above the upper tail of "
              "the negatives), not by N.\n\n" if multi else ""),
-          markdown_table(["model", "ident"] + (["batch size (batches)"] if multi else [])
+          markdown_table(["model", "ident"] + (["batch size (batches)"] if multi else []) + (["images"] if both else [])
                          + ["learned scale", "s* (loss minimum)", "loss at learned scale",
                           "loss at 100", "loss at s*"]
-                         + (["s* between grid points", "positive cosine", "negative cosine (mean ± std)"] if multi else []),
+                         + (["s* between grid points", "positive cosine", "negative cosine (mean ± std)",
+                             "in-batch top-1 %"] if extra else []),
                          rows),
           f"\nCommand: `{record['command']}`; wall time {time.time() - t0:.0f} s on {args.threads} CPU thread(s); "
           f"gramvl commit {record['versions']['git_commit']}.\n"]

@@ -255,14 +255,22 @@ class Corpus:
         self.cap_str_id, self.cap_members = (caption_positive_table(caps, owner, self.concept_id.tolist())
                                              if cfg.caption_positives else (None, None))
 
-    def batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normalized augmented images, caption tokens, positive matrix) of one batch."""
+    def batch(self, seed: int, augmented: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalized augmented images, caption tokens, positive matrix) of one batch.
+
+        `augmented=False`: the same pairs and captions, the images only resized to the model's input (what the
+        style and geometry augmentation adds to the task; benchmarks/scale_optimum.py --unaugmented)."""
         cfg = self.cfg
         g = torch.Generator().manual_seed(seed)
         idx = sample_pairs(g, cfg.batch_size, self.n_emoji, self.n_pairs - self.n_emoji, cfg.icons)
         lo, hi = self.starts[idx], self.starts[idx + 1]
         cap_idx = lo + (torch.rand(cfg.batch_size, generator=g) * (hi - lo)).long()
-        imgs = normalize_images(augment(self.images[idx], cfg.image_size, g, cfg.photo_aug), cfg.mean, cfg.std)
+        if augmented:
+            x = augment(self.images[idx], cfg.image_size, g, cfg.photo_aug)
+        else:
+            x = F.interpolate(self.images[idx].float() / 255.0, size=cfg.image_size, mode="bilinear",
+                              antialias=True, align_corners=False).clamp(0, 1)
+        imgs = normalize_images(x, cfg.mean, cfg.std)
         pos = positive_matrix(self.concept_id[idx], None if self.cap_str_id is None else self.cap_str_id[cap_idx],
                               self.cap_members)
         return imgs, self.cap_tokens[cap_idx], pos

@@ -157,3 +157,31 @@ def test_logit_scale_init_sets_the_learned_scale_and_a_resume_keeps_the_trained_
     assert last_f[f"opt.{scale_slot}.exp_avg"].abs().item() > 0
     with pytest.raises(GramvlError, match="logit-scale-init"):
         _tiny_run(tmp_path / "d", monkeypatch, 1, logit_scale_init=250.0)
+
+
+def test_unaugmented_batch_keeps_the_pairs_and_only_resizes_the_images(tmp_path, monkeypatch):
+    import open_clip
+    from PIL import Image
+
+    import gramvl.data.world as world
+    from gramvl.pretrain import Corpus, PretrainConfig
+
+    pairs = []
+    for i, (name, colour) in enumerate([("red apple", (255, 0, 0)), ("blue car", (0, 0, 255)),
+                                        ("green tree", (0, 255, 0))]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 40), colour).save(path)
+        pairs.append({"image": str(path), "name": name, "hexcode": name, "keywords": name.split()})
+    monkeypatch.setattr(world, "load_pretrain_pairs", lambda: pairs)
+    cfg = PretrainConfig(batch_size=6, image_size=32)
+    corpus = Corpus(cfg, open_clip.SimpleTokenizer(context_length=cfg.context_length), progress=False)
+    aug_imgs, aug_text, aug_pos = corpus.batch(5)
+    imgs, text, pos = corpus.batch(5, augmented=False)
+    assert torch.equal(text, aug_text) and torch.equal(pos, aug_pos)   # the same pairs and captions
+    assert imgs.shape == aug_imgs.shape == (6, 3, 32, 32)
+    # a flat colour stays that colour: the normalized pixels are the colour's, and none of the style changes
+    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+    rgb = (imgs * std + mean).mean((2, 3))
+    assert torch.allclose(imgs.std((2, 3)), torch.zeros(6, 3), atol=1e-5)
+    assert ((rgb.max(1).values - 1.0).abs() < 1e-4).all() and (rgb.min(1).values.abs() < 1e-4).all()
+    assert not torch.allclose(imgs, aug_imgs)
