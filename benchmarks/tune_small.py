@@ -41,9 +41,10 @@ def main() -> None:
     for m in args.methods:
         for shots in args.shots:
             base = resolved_recipe(HOSTS[m], TrainConfig(method=m, shots=shots))  # the paper recipe
-            em = args.epoch_mult if args.epoch_mult is not None else \
-                SMALL_MODEL_SCALING.get(m, {}).get("epoch_mult", 1.0)
-            shipped = SMALL_MODEL_SCALING.get(m, {}).get("lr_mult", 1.0)
+            # the shipped scaling applies to the gramvl small CLIPs only (as in resolved_recipe)
+            scale = SMALL_MODEL_SCALING.get(m, {}) if bb.ident.startswith("gramvl-small") else {}
+            em = args.epoch_mult if args.epoch_mult is not None else scale.get("epoch_mult", 1.0)
+            shipped = scale.get("lr_mult", 1.0)
             epochs = max(1, round(base.epochs * em))
             for mult in args.mults:
                 out = ROOT / "runs" / "tune" / f"{m}_lr{mult:g}_ep{epochs}"
