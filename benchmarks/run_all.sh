@@ -490,3 +490,37 @@ eval $P1 --name dg_coop_gram_v3 --protocol dg --methods coop \
 eval $P3 --name xd_coop_gram_v3 --protocol xd --datasets $D7 --methods coop \
     --gram gramvl/assets/gram_coop_v3.safetensors
 wait
+
+# ---- session 11 (docs/pretraining.md and docs/results/gram.md, session 11) ----
+# is the training augmentation what keeps the loss's optimum scale low? (the same pairs, with and without it)
+OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --models small small-v1 --images augmented unaugmented \
+    --name scale_optimum_unaugmented
+# the missing cells of GRAM on every host with the current model (gram_summary_v3.md). The M = 4 artifact is made again
+# with session 10's command (600 steps, no time budget; it gave session 10's 1-shot mean, 13.16, again)
+OMP_NUM_THREADS=1 $PY -m gramvl --quiet meta-train --host coop --steps 600 --set 'meta.host_cfg={n_ctx: 4, ctx_init: "a photo of a"}' \
+    meta.theta_anchor=0.25 --out runs/gram10/m4_anchor025.safetensors
+A=runs/gram10/m4_anchor025.safetensors
+eval $P1 --name fewshot_coop4_gram_curve_v3 --protocol fewshot --shots 2 4 8 16 --methods coop --gram $A --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P1 --name fewshot_cocoop_gram_curve_v3 --protocol fewshot --shots 2 4 8 16 --methods cocoop --gram $A
+eval $P1 --name dg_cocoop_gram_v3 --protocol dg --methods cocoop --gram $A
+eval $P3 --name xd_cocoop_gram_v3 --protocol xd --datasets $D7 --methods cocoop --gram $A
+# MaPLe and VPT: session 10's recipes meta-trained again (time budgets: other artifacts, so each is also re-run on
+# base-to-new and 1 shot as a replication), run side by side with the lines above
+OMP_NUM_THREADS=1 $PY -m gramvl --quiet meta-train --host maple --steps 300 --set meta.time_budget_s=600 meta.second_order=false \
+    meta.theta_anchor=0.5 --out runs/gram11/maple_anchor05.safetensors
+M=runs/gram11/maple_anchor05.safetensors
+eval $P1 --name base2new_maple_gram_remake_v3 --protocol base2new --methods maple --gram-only --gram $M
+eval $P1 --name fewshot1_maple_gram_remake_v3 --protocol fewshot --shots 1 --methods maple --gram-only --gram $M
+eval $P1 --name dg_maple_gram_v3 --protocol dg --methods maple --gram $M
+eval $P3 --name xd_maple_gram_v3 --protocol xd --datasets $D7 --methods maple --gram $M
+OMP_NUM_THREADS=1 $PY -m gramvl --quiet meta-train --host vpt --steps 300 --set meta.time_budget_s=720 meta.second_order=false \
+    --out runs/gram11/vpt.safetensors
+V=runs/gram11/vpt.safetensors
+eval $P1 --name base2new_vpt_gram_remake_v3 --protocol base2new --methods vpt --gram-only --gram $V
+eval $P1 --name fewshot1_vpt_gram_remake_v3 --protocol fewshot --shots 1 --methods vpt --gram-only --gram $V
+eval $P1 --name fewshot_vpt_gram_curve_v3 --protocol fewshot --shots 2 4 8 16 --methods vpt --gram $V
+eval $P1 --name dg_vpt_gram_v3 --protocol dg --methods vpt --gram $V
+# CoCoOp's lr on the current model (val split, 16 shots, seed 1), and zero-shot on the same val split
+OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods cocoop --mults 0.3 1 3 --shots 16 --name tuning_small_v3_cocoop
+$PY -m gramvl --quiet zeroshot --dataset emoji-nature --split val --json docs/results/zeroshot_val_emoji_nature_v3.json
+$PY benchmarks/gram_summary.py   # -> docs/results/gram_summary.md (small-v1) and gram_summary_v3.md (current model)
