@@ -79,9 +79,13 @@ SOURCES_V3 = {
         "curve": (("fewshot_cocoop_gram_curve_v3", "cocoop"), ("fewshot_cocoop_gram_curve_v3", G)),
         "xd": (("xd_cocoop_gram_v3", "cocoop"), ("xd_cocoop_gram_v3", G)),
         "dg": (("dg_cocoop_gram_v3", "cocoop"), ("dg_cocoop_gram_v3", G))}),
-    "VPT (shallow, 8 tokens)": ("runs/gram10/vpt (first order, session 10)", {
+    "VPT (shallow, 8 tokens)": ("runs/gram10/vpt (first order, session 10) for HM and 1 shot; runs/gram11/vpt (the "
+                                "same recipe meta-trained again, session 11) for 2-16 shots, cross-dataset and DG", {
         "hm": (("base2new_vpt_gram_v3", "vpt"), ("base2new_vpt_gram_v3", "vpt + GRAM")),
-        "1": (("fewshot1_vpt_gram_v3", "vpt"), ("fewshot1_vpt_gram_v3", "vpt + GRAM"))}),
+        "1": (("fewshot1_vpt_gram_v3", "vpt"), ("fewshot1_vpt_gram_v3", "vpt + GRAM")),
+        "curve": (("fewshot_vpt_gram_curve_v3", "vpt"), ("fewshot_vpt_gram_curve_v3", "vpt + GRAM")),
+        "xd": (("xd_vpt_gram_v3", "vpt"), ("xd_vpt_gram_v3", "vpt + GRAM")),
+        "dg": (("dg_vpt_gram_v3", "vpt"), ("dg_vpt_gram_v3", "vpt + GRAM"))}),
     "MaPLe": ("runs/gram10/maple_anchor05 (anchored, first order, session 10) for HM and 1-16 shots; "
               "runs/gram11/maple_anchor05 (the same recipe meta-trained again, session 11) for cross-dataset and DG", {
         "hm": (("base2new_maple_gram_v3", "maple"), ("base2new_maple_gram_v3", "maple + GRAM")),
