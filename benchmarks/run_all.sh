@@ -524,3 +524,8 @@ eval $P1 --name dg_vpt_gram_v3 --protocol dg --methods vpt --gram $V
 OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods cocoop --mults 0.3 1 3 --shots 16 --name tuning_small_v3_cocoop
 $PY -m gramvl --quiet zeroshot --dataset emoji-nature --split val --json docs/results/zeroshot_val_emoji_nature_v3.json
 $PY benchmarks/gram_summary.py   # -> docs/results/gram_summary.md (small-v1) and gram_summary_v3.md (current model)
+# test-time prompt tuning on the current model with the anchored M = 4 artifact as 'GRAM init' (session 8: the unanchored
+# one, 50 images), 200 images per set; the test-time artifact meta-trained again (240 steps)
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
+    --gram runs/gram10/m4_anchor025.safetensors --meta-steps 240 --meta-budget 3000 --threads 1 --work runs/bench-tta-v3 \
+    --out runs/tta_v3_a025 --quiet   # -> docs/results/tta_200_v3.md
