@@ -93,9 +93,11 @@ SOURCES_V3 = {
         "curve": (("fewshot_maple_gram_curve_v3", "maple"), ("fewshot_maple_gram_curve_v3", "maple + GRAM")),
         "xd": (("xd_maple_gram_v3", "maple"), ("xd_maple_gram_v3", "maple + GRAM")),
         "dg": (("dg_maple_gram_v3", "maple"), ("dg_maple_gram_v3", "maple + GRAM"))}),
-    "IVLP + UNIGRAM": ("runs/gram10/unigram_anchor05 (text + visual slots, anchored, session 10)", {
+    "IVLP + UNIGRAM": ("runs/gram10/unigram_anchor05 (text + visual slots, anchored, session 10) for HM and 1 shot; "
+                       "runs/gram11/unigram_anchor05 (the same recipe meta-trained again, session 11) for DG", {
         "hm": (("base2new_unigram_gram_v3", "ivlp"), ("base2new_unigram_gram_v3", "ivlp + GRAM")),
-        "1": (("fewshot1_unigram_gram_v3", "ivlp"), ("fewshot1_unigram_gram_v3", "ivlp + GRAM"))}),
+        "1": (("fewshot1_unigram_gram_v3", "ivlp"), ("fewshot1_unigram_gram_v3", "ivlp + GRAM")),
+        "dg": (("dg_unigram_gram_v3", "ivlp"), ("dg_unigram_gram_v3", "ivlp + GRAM"))}),
 }
 # which -> (sources, model, output name, what the anchors were)
 TABLES = {

@@ -529,3 +529,11 @@ $PY benchmarks/gram_summary.py   # -> docs/results/gram_summary.md (small-v1) an
 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
     --gram runs/gram10/m4_anchor025.safetensors --meta-steps 240 --meta-budget 3000 --threads 1 --work runs/bench-tta-v3 \
     --out runs/tta_v3_a025 --quiet   # -> docs/results/tta_200_v3.md
+# IVLP + UNIGRAM: session 10's recipe meta-trained again (session 10: 540 s on 2 threads; here 1,080 s on one: 276 steps)
+OMP_NUM_THREADS=1 $PY -m gramvl --quiet meta-train --host ivlp --unigram --steps 300 --set meta.time_budget_s=1080 meta.second_order=false \
+    meta.theta_anchor=0.5 --out runs/gram11/unigram_anchor05.safetensors
+U=runs/gram11/unigram_anchor05.safetensors
+eval $P1 --name base2new_unigram_gram_remake_v3 --protocol base2new --methods ivlp --gram-only --gram $U
+eval $P1 --name fewshot1_unigram_gram_remake_v3 --protocol fewshot --shots 1 --methods ivlp --gram-only --gram $U
+eval $P1 --name dg_unigram_gram_v3 --protocol dg --methods ivlp --gram $U
+$PY benchmarks/gram_summary.py
