@@ -69,11 +69,13 @@ SOURCES_V3 = {
         "curve": (("fewshot_coop_gram_curve_v3", "coop"), ("fewshot_coop_gram_curve_v3", C)),
         "xd": (("xd_coop_gram_v3", "coop"), ("xd_coop_gram_v3", C)),
         "dg": (("dg_coop_gram_v3", "coop"), ("dg_coop_gram_v3", C))}),
-    "CoOp (M = 4, 'a photo of a')": ("runs/gram10/m4_anchor025 (θ anchored to the words, radius 0.25 chosen on val)", {
+    "CoOp (M = 4, 'a photo of a')": ("runs/gram10/m4_anchor025 (θ anchored to the words, radius 0.25 chosen on val; "
+                                      "session 10 for HM and 1 shot, made again in session 11 for 2-16 shots)", {
         "hm": (("base2new_coop4_gram_v3", "coop"), ("base2new_coop4_gram_anchor025_v3", C)),
         "1": (("fewshot1_coop4_v3", "coop"), ("fewshot1_coop4_gram_anchor025_v3", C)),
         "curve": (("fewshot_coop4_gram_curve_v3", "coop"), ("fewshot_coop4_gram_curve_v3", C))}),
-    "CoCoOp": ("runs/gram10/m4_anchor025 (the CoOp M = 4 artifact)", {
+    "CoCoOp": ("runs/gram10/m4_anchor025 (the CoOp M = 4 artifact; session 10 for HM and 1 shot, made again in "
+               "session 11 for 2-16 shots, cross-dataset and DG)", {
         "hm": (("base2new_cocoop_v3", "cocoop"), ("base2new_cocoop_gram_anchor025_v3", G)),
         "1": (("fewshot1_cocoop_gram_v3", "cocoop"), ("fewshot1_cocoop_gram_anchor025_v3", G)),
         "curve": (("fewshot_cocoop_gram_curve_v3", "cocoop"), ("fewshot_cocoop_gram_curve_v3", G)),
