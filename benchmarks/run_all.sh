@@ -523,7 +523,6 @@ eval $P1 --name dg_vpt_gram_v3 --protocol dg --methods vpt --gram $V
 # CoCoOp's lr on the current model (val split, 16 shots, seed 1), and zero-shot on the same val split
 OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods cocoop --mults 0.3 1 3 --shots 16 --name tuning_small_v3_cocoop
 $PY -m gramvl --quiet zeroshot --dataset emoji-nature --split val --json docs/results/zeroshot_val_emoji_nature_v3.json
-$PY benchmarks/gram_summary.py   # -> docs/results/gram_summary.md (small-v1) and gram_summary_v3.md (current model)
 # test-time prompt tuning on the current model with the anchored M = 4 artifact as 'GRAM init' (session 8: the unanchored
 # one, 50 images), 200 images per set; the test-time artifact meta-trained again (240 steps)
 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
@@ -536,4 +535,4 @@ U=runs/gram11/unigram_anchor05.safetensors
 eval $P1 --name base2new_unigram_gram_remake_v3 --protocol base2new --methods ivlp --gram-only --gram $U
 eval $P1 --name fewshot1_unigram_gram_remake_v3 --protocol fewshot --shots 1 --methods ivlp --gram-only --gram $U
 eval $P1 --name dg_unigram_gram_v3 --protocol dg --methods ivlp --gram $U
-$PY benchmarks/gram_summary.py
+$PY benchmarks/gram_summary.py   # -> docs/results/gram_summary.md (small-v1) and gram_summary_v3.md (current model)

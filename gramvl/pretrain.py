@@ -259,7 +259,7 @@ class Corpus:
         """(normalized augmented images, caption tokens, positive matrix) of one batch.
 
         `augmented=False`: the same pairs and captions, the images only resized to the model's input (what the
-        style and geometry augmentation adds to the task; benchmarks/scale_optimum.py --unaugmented)."""
+        style and geometry augmentation adds to the task; benchmarks/scale_optimum.py --images unaugmented)."""
         cfg = self.cfg
         g = torch.Generator().manual_seed(seed)
         idx = sample_pairs(g, cfg.batch_size, self.n_emoji, self.n_pairs - self.n_emoji, cfg.icons)
