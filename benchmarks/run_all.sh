@@ -536,3 +536,10 @@ eval $P1 --name base2new_unigram_gram_remake_v3 --protocol base2new --methods iv
 eval $P1 --name fewshot1_unigram_gram_remake_v3 --protocol fewshot --shots 1 --methods ivlp --gram-only --gram $U
 eval $P1 --name dg_unigram_gram_v3 --protocol dg --methods ivlp --gram $U
 $PY benchmarks/gram_summary.py   # -> docs/results/gram_summary.md (small-v1) and gram_summary_v3.md (current model)
+
+# ---- session 12 (docs/pretraining.md and docs/results/gram.md, session 12) ----
+# which captions win the in-batch mistakes (near-duplicates or not), on the training mix and on emoji-only batches
+OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --models small small-v1 --images augmented unaugmented --errors \
+    --name scale_optimum_errors
+OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --models small small-v1 --images augmented unaugmented --errors \
+    --icons 0 --name scale_optimum_errors_emoji

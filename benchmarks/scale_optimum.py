@@ -15,10 +15,16 @@ docs/pretraining.md, session 10).
 and with the images only resized, and adds the in-batch top-1 (is the style and geometry augmentation what
 keeps s* low? Measured: no, docs/pretraining.md, session 11).
 
+`--errors` adds what the in-batch mistakes are (session 12): for every image whose most similar caption is a
+negative, whose caption won: an emoji of the same Unicode subcategory (flags, families and skin-tone variants
+included: near-duplicates), another emoji, an icon (for an icon image), or the other corpus. `--icons 0`
+draws emoji-only batches (the session-8 mix has 40% icons).
+
 Writes docs/results/scale_optimum.{json,md}.
     python benchmarks/scale_optimum.py --models small small-v2 small-v1 runs/x/best.safetensors
     python benchmarks/scale_optimum.py --models small --batch-sizes 128 512 2048 8192 --name scale_optimum_batch
     python benchmarks/scale_optimum.py --models small small-v1 --images augmented unaugmented --name scale_optimum_unaugmented
+    python benchmarks/scale_optimum.py --models small --images augmented unaugmented --errors --name scale_optimum_errors
 """
 
 from __future__ import annotations
@@ -42,27 +48,50 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 SCALES = np.exp(np.linspace(math.log(5.0), math.log(1000.0), 107))  # 5 .. 1000, log-spaced
 
 
+ERROR_KINDS = ("emoji, same subcategory", "emoji, other subcategory", "icon -> icon", "emoji <-> icon")
+
+
+def error_kind(i: int, j: int, n_emoji: int, subcategory: list) -> str:
+    """What kind of pair's caption (corpus row j) beat image i's own captions."""
+    if i < n_emoji and j < n_emoji:
+        return ERROR_KINDS[0] if subcategory[i] == subcategory[j] else ERROR_KINDS[1]
+    return ERROR_KINDS[2] if i >= n_emoji and j >= n_emoji else ERROR_KINDS[3]
+
+
 @torch.no_grad()
-def losses_by_scale(bb, corpus: Corpus, batches: int, seed: int, augmented: bool = True) -> tuple[np.ndarray, dict]:
+def losses_by_scale(bb, corpus: Corpus, batches: int, seed: int, augmented: bool = True,
+                    subcategory: list | None = None) -> tuple[np.ndarray, dict]:
     """Mean loss over `batches` batches for every grid scale ([len(SCALES)]), and the statistics of the same
     batches: mean cosine of the positive pairs, mean and variance of the negative pairs' cosines, and the
-    in-batch top-1 (share of images whose most similar caption in the batch is a positive one)."""
+    in-batch top-1 (share of images whose most similar caption in the batch is a positive one). With
+    `subcategory` (one entry per corpus row), also the share of each ERROR_KINDS among the mistakes."""
     net = bb.model
     total = np.zeros(len(SCALES))
     pos_sum = pos_n = neg_sum = neg_sq = neg_n = top1 = rows = 0.0
+    errors = dict.fromkeys(ERROR_KINDS, 0)
     for b in range(batches):
         imgs, text, pos = corpus.batch(seed * 1_000_003 + b, augmented=augmented)
         cos = F.normalize(net.encode_image(imgs), dim=-1) @ F.normalize(net.encode_text(text), dim=-1).T
         total += [float(contrastive_loss(float(s) * cos, pos)) for s in SCALES]
-        top1 += float((pos.gather(1, cos.argmax(1, keepdim=True)) > 0).sum())
+        best = cos.argmax(1, keepdim=True)
+        hit = pos.gather(1, best)[:, 0] > 0
+        top1 += float(hit.sum())
         rows += len(cos)
+        if subcategory is not None:
+            idx = corpus.batch_index(seed * 1_000_003 + b).tolist()
+            for i in torch.nonzero(~hit)[:, 0].tolist():
+                errors[error_kind(idx[i], idx[int(best[i])], corpus.n_emoji, subcategory)] += 1
         is_pos = pos > 0
         pos_sum, pos_n = pos_sum + float(cos[is_pos].double().sum()), pos_n + int(is_pos.sum())
         neg = cos[~is_pos].double()
         neg_sum, neg_sq, neg_n = neg_sum + float(neg.sum()), neg_sq + float((neg * neg).sum()), neg_n + neg.numel()
     mu = neg_sum / neg_n
-    return total / batches, {"pos_cos": pos_sum / pos_n, "neg_cos": mu, "neg_var": neg_sq / neg_n - mu * mu,
-                             "in_batch_top1": top1 / rows}
+    stats = {"pos_cos": pos_sum / pos_n, "neg_cos": mu, "neg_var": neg_sq / neg_n - mu * mu,
+             "in_batch_top1": top1 / rows}
+    if subcategory is not None:
+        n_err = max(1, sum(errors.values()))
+        stats["errors"] = {k: v / n_err for k, v in errors.items()}
+    return total / batches, stats
 
 
 def refine_minimum(curve: np.ndarray) -> float:
@@ -86,6 +115,9 @@ def main() -> None:
     ap.add_argument("--images", nargs="+", choices=["augmented", "unaugmented"], default=["augmented"],
                     help="augmented: the training augmentation; unaugmented: the same pairs and captions with the "
                          "images only resized (no style or geometry augmentation); both: one row each")
+    ap.add_argument("--icons", type=float, default=0.4, help="share of icon pairs per batch (session 8's mix: 0.4)")
+    ap.add_argument("--errors", action="store_true",
+                    help="add what the in-batch mistakes are (same-subcategory emoji, other emoji, icons)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--name", default="scale_optimum")
@@ -96,13 +128,21 @@ def main() -> None:
     # captions as positives
     if min(args.batch_sizes) < 2:
         raise SystemExit("--batch-sizes: a contrastive batch needs at least 2 pairs")
-    cfg = PretrainConfig(batch_size=args.batch_sizes[0], icons=0.4, photo_aug=0.15, caption_positives=True)
+    cfg = PretrainConfig(batch_size=args.batch_sizes[0], icons=args.icons, photo_aug=0.15, caption_positives=True)
     total_pairs = args.batches * args.batch_sizes[0]
     multi = len(args.batch_sizes) > 1  # one row per model and size
     both = len(args.images) > 1  # one row per model, size and kind of images
-    extra = multi or args.images != ["augmented"]  # the extra columns
+    extra = multi or args.images != ["augmented"] or args.errors  # the extra columns
     bb0 = load_backbone(args.models[0])
     corpus = Corpus(cfg, bb0.tokenizer, progress=False)
+    subcategory, chance_same = None, None
+    if args.errors:  # the corpus rows in Corpus's order: emoji pairs, then icon pairs (one "icon" group)
+        from gramvl.data.world import load_pretrain_pairs
+
+        emoji = load_pretrain_pairs()
+        subcategory = [p.get("subcategory") for p in emoji] + ["icon"] * (corpus.n_pairs - len(emoji))
+        share = np.unique([str(c) for c in subcategory[:len(emoji)]], return_counts=True)[1] / len(emoji)
+        chance_same = float((share ** 2).sum())  # two random emoji pairs share a subcategory
     results, rows = {}, []
     for model in args.models:
         bb = bb0 if model == args.models[0] else load_backbone(model)
@@ -112,7 +152,8 @@ def main() -> None:
         for bs, images in [(bs, im) for bs in args.batch_sizes for im in args.images]:
             corpus.cfg = replace(cfg, batch_size=bs)
             n_batches = max(1, round(total_pairs / bs))
-            curve, stats = losses_by_scale(bb, corpus, n_batches, args.seed, augmented=images == "augmented")
+            curve, stats = losses_by_scale(bb, corpus, n_batches, args.seed, augmented=images == "augmented",
+                                           subcategory=subcategory)
             i = int(np.argmin(curve))
             at = {s: float(np.interp(math.log(s), np.log(SCALES), curve)) for s in (scale, 100.0)}
             r = {"ident": bb.ident, "logit_scale": scale, "batch_size": bs, "batches": n_batches,
@@ -127,15 +168,18 @@ def main() -> None:
                         + [f"{scale:.1f}", f"{r['best_scale']:.1f}" + (" (grid edge)" if r["best_at_grid_edge"] else ""),
                            f"{r['loss_at_model_scale']:.3f}", f"{r['loss_at_100']:.3f}", f"{r['loss_at_best']:.3f}"]
                         + ([f"{r['best_scale_refined']:.1f}", f"{r['pos_cos']:.3f}", f"{r['neg_cos']:.3f} ± "
-                            f"{math.sqrt(r['neg_var']):.3f}", f"{100 * r['in_batch_top1']:.1f}"] if extra else []))
+                            f"{math.sqrt(r['neg_var']):.3f}", f"{100 * r['in_batch_top1']:.1f}"] if extra else [])
+                        + ([f"{100 * r['errors'][k]:.0f}" for k in ERROR_KINDS] if args.errors else []))
             print(rows[-1], flush=True)
     sizes = " ".join(map(str, args.batch_sizes))
     record = {"models": args.models, "batches": args.batches, "batch_sizes": args.batch_sizes, "seed": args.seed,
+              "icons": args.icons, "same_subcategory_by_chance": chance_same,
               "scales": SCALES.tolist(),
               "results": results, "versions": versions(), "seconds": time.time() - t0,
               "command": f"python benchmarks/scale_optimum.py --batches {args.batches} --seed {args.seed} --models "
                          + " ".join(args.models)
                          + (f" --batch-sizes {sizes}" if multi else "") + (" --images " + " ".join(args.images) if args.images != ["augmented"] else "")
+                         + (f" --icons {args.icons:g}" if args.icons != 0.4 else "") + (" --errors" if args.errors else "")
                          + (f" --name {args.name}" if args.name != "scale_optimum" else "")}
     out = Path(args.out)
     write_json(out / f"{args.name}.json", record)
@@ -144,8 +188,8 @@ def main() -> None:
           + (f"on fresh pre-training batches of each size in the table ({total_pairs} pairs in total per size; the "
              "number of batches in brackets)" if multi else
              f"on {args.batches} fresh pre-training batches of {cfg.batch_size} pairs")
-          + (" (40% icons, 15% photo-style images, shared " if args.images == ["augmented"] else
-             " (40% icons; images: 'augmented' with the training augmentation, 15% of them photo-style, "
+          + (f" ({100 * args.icons:.0f}% icons, 15% photo-style images, shared " if args.images == ["augmented"] else
+             f" ({100 * args.icons:.0f}% icons; images: 'augmented' with the training augmentation, 15% of them photo-style, "
              "'unaugmented' the same pairs with the images only resized; shared ")
           + f"captions as positives; batch seed {args.seed}, not a training seed), as a function of the logit scale s "
           f"(grid of {len(SCALES)} log-spaced values in 5..1000). For fixed features the loss is convex in s, so s* "
@@ -155,6 +199,12 @@ def main() -> None:
              "neighbours), the cosines of the positive and the negative pairs over the same batches, and the in-batch "
              "top-1: the share of images whose most similar caption in their batch is a positive one.\n\n"
              if extra else "")
+          + ("The mistakes columns: of the images whose most similar caption in the batch is a negative one, the "
+             "share whose winning caption belongs to an emoji of the same Unicode subcategory (near-duplicates: flags, "
+             "families, skin-tone and gender variants, similar faces), to an emoji of another subcategory, to another "
+             "icon (icon images), or to the other corpus (an emoji's caption for an icon image or the reverse). Two "
+             f"random emoji pairs share a subcategory {100 * chance_same:.1f}% of the time.\n\n"
+             if args.errors else "")
           + ("When the batch is large the loss of a row is about -s pos + log N + log E[exp(s neg)]: the batch size N only "
              "adds a constant, so s* is set by the features (how far the positives stand above the upper tail of "
              "the negatives), not by N.\n\n" if multi else ""),
@@ -162,7 +212,8 @@ def main() -> None:
                          + ["learned scale", "s* (loss minimum)", "loss at learned scale",
                           "loss at 100", "loss at s*"]
                          + (["s* between grid points", "positive cosine", "negative cosine (mean ± std)",
-                             "in-batch top-1 %"] if extra else []),
+                             "in-batch top-1 %"] if extra else [])
+                         + ([f"mistakes: {k} %" for k in ERROR_KINDS] if args.errors else []),
                          rows),
           f"\nCommand: `{record['command']}`; wall time {time.time() - t0:.0f} s on {args.threads} CPU thread(s); "
           f"gramvl commit {record['versions']['git_commit']}.\n"]

@@ -255,6 +255,13 @@ class Corpus:
         self.cap_str_id, self.cap_members = (caption_positive_table(caps, owner, self.concept_id.tolist())
                                              if cfg.caption_positives else (None, None))
 
+    def _draw(self, g: torch.Generator) -> torch.Tensor:
+        return sample_pairs(g, self.cfg.batch_size, self.n_emoji, self.n_pairs - self.n_emoji, self.cfg.icons)
+
+    def batch_index(self, seed: int) -> torch.Tensor:
+        """The corpus rows (pair indices; emoji pairs first, then icons) of `batch(seed)`, in its order."""
+        return self._draw(torch.Generator().manual_seed(seed))
+
     def batch(self, seed: int, augmented: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(normalized augmented images, caption tokens, positive matrix) of one batch.
 
@@ -262,7 +269,7 @@ class Corpus:
         style and geometry augmentation adds to the task; benchmarks/scale_optimum.py --images unaugmented)."""
         cfg = self.cfg
         g = torch.Generator().manual_seed(seed)
-        idx = sample_pairs(g, cfg.batch_size, self.n_emoji, self.n_pairs - self.n_emoji, cfg.icons)
+        idx = self._draw(g)
         lo, hi = self.starts[idx], self.starts[idx + 1]
         cap_idx = lo + (torch.rand(cfg.batch_size, generator=g) * (hi - lo)).long()
         if augmented:

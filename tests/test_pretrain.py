@@ -185,3 +185,6 @@ def test_unaugmented_batch_keeps_the_pairs_and_only_resizes_the_images(tmp_path,
     assert torch.allclose(imgs.std((2, 3)), torch.zeros(6, 3), atol=1e-5)
     assert ((rgb.max(1).values - 1.0).abs() < 1e-4).all() and (rgb.min(1).values.abs() < 1e-4).all()
     assert not torch.allclose(imgs, aug_imgs)
+    # batch_index names the rows of the same batch: each image has its pair's colour
+    colours = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])
+    assert torch.allclose(rgb, colours[corpus.batch_index(5)], atol=1e-4)
