@@ -304,6 +304,29 @@ def test_meta_training_for_test_time_writes_a_structured_artifact_tpt_uses(small
         gram_init(bb, out)
 
 
+def test_test_time_descent_guard_travels_with_the_artifact(small_random_backbone, tmp_path):
+    from gramvl.tta.meta_tta import MetaTTAConfig, ViewFeatureCache, meta_train_tta
+
+    bb = small_random_backbone
+    views = ViewFeatureCache(bb, _write_images(tmp_path / "corpus", 8), views=6, cache=False)
+    protos = _feats(1, 4, bb.embed_dim, seed=4)[0]
+    cfg = MetaTTAConfig(steps=1, meta_batch=1, views=6, selection=0.34, rank=4, psi_min_cos=0.5)
+    out = meta_train_tta(cfg, bb, _ToySampler(), views, tmp_path / "tta.safetensors", protos, progress=False)
+    init = gram_init(bb, out)
+    assert init.regulator.min_cos == 0.5
+    reg = init.regulator
+    with torch.no_grad():  # turn ψ far from the identity: only the guard keeps it within 0.5 of g
+        reg.up.weight.normal_(std=3.0)
+        reg.gate.fill_(-6.0)
+    g = torch.randn(3, 4, bb.text_width)
+    reg.min_cos = -1.0
+    free = F.cosine_similarity(reg(g).reshape(-1, bb.text_width), g.reshape(-1, bb.text_width), dim=-1)
+    assert (free < 0.5).any()
+    reg.min_cos = 0.5
+    cos = F.cosine_similarity(init.regulator(g).reshape(-1, bb.text_width), g.reshape(-1, bb.text_width), dim=-1)
+    assert (cos >= 0.5 - 1e-5).all()
+
+
 def test_second_order_meta_gradient_reaches_theta_and_phi(small_random_backbone):
     from gramvl.tta.meta_tta import MetaTTAConfig, tta_query_loss
 

@@ -70,6 +70,9 @@ class MetaTTAConfig:
     shifted_weight: float = 1.0  # weight of the shifted-domain queries
     use_regulator: bool = True
     rank: int = 32
+    # descent guard of ψ (gram/regulator.py): cosine of ψ(g) to g at least this (-1: off). Session 11's ψ* turned
+    # TPT's gradient nearly orthogonal (cosine 0.06 to the identity) and its step was worse than no step
+    psi_min_cos: float = -1.0
     structure: str = "complexity"  # prototypes: complexity | flat | leaves; none = ψ without context
     prototype_kind: str = "joint"  # joint | image | text centroids
     tau: float = 0.1  # prototype softmax temperature
@@ -249,8 +252,8 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
         raise GramvlError(f"structure {cfg.structure!r} needs prototypes (from the CMHC hierarchy)")
     context = StructureContext(prototypes, cfg.tau) if structured else None
     theta = torch.nn.Parameter(_init_theta(bb, cfg))
-    psi_set = RegulatorSet({"text": bb.text_width}, rank=cfg.rank,
-                           ctx_dim=context.dim if context is not None else 0) if cfg.use_regulator else None
+    psi_set = RegulatorSet({"text": bb.text_width}, rank=cfg.rank, ctx_dim=context.dim if context is not None else 0,
+                           min_cos=cfg.psi_min_cos) if cfg.use_regulator else None
     psi = StructuredRegulator(psi_set.regs["text"], context).to(bb.device) if psi_set is not None else None
     opt_t = torch.optim.Adam([theta], lr=cfg.outer_lr_theta)
     opt_p = torch.optim.Adam(psi_set.parameters(), lr=cfg.outer_lr_phi) if psi_set is not None else None
