@@ -70,10 +70,13 @@ SOURCES_V3 = {
         "xd": (("xd_coop_gram_v3", "coop"), ("xd_coop_gram_v3", C)),
         "dg": (("dg_coop_gram_v3", "coop"), ("dg_coop_gram_v3", C))}),
     "CoOp (M = 4, 'a photo of a')": ("runs/gram10/m4_anchor025 (θ anchored to the words, radius 0.25 chosen on val; "
-                                      "session 10 for HM and 1 shot, made again in session 11 for 2-16 shots)", {
+                                      "session 10 for HM and 1 shot, made again in session 11 for 2-16 shots, "
+                                      "cross-dataset and DG)", {
         "hm": (("base2new_coop4_gram_v3", "coop"), ("base2new_coop4_gram_anchor025_v3", C)),
         "1": (("fewshot1_coop4_v3", "coop"), ("fewshot1_coop4_gram_anchor025_v3", C)),
-        "curve": (("fewshot_coop4_gram_curve_v3", "coop"), ("fewshot_coop4_gram_curve_v3", C))}),
+        "curve": (("fewshot_coop4_gram_curve_v3", "coop"), ("fewshot_coop4_gram_curve_v3", C)),
+        "xd": (("xd_coop4_gram_v3", "coop"), ("xd_coop4_gram_v3", C)),
+        "dg": (("dg_coop4_gram_v3", "coop"), ("dg_coop4_gram_v3", C))}),
     "CoCoOp": ("runs/gram10/m4_anchor025 (the CoOp M = 4 artifact; session 10 for HM and 1 shot, made again in "
                "session 11 for 2-16 shots, cross-dataset and DG)", {
         "hm": (("base2new_cocoop_v3", "cocoop"), ("base2new_cocoop_gram_anchor025_v3", G)),
@@ -96,9 +99,12 @@ SOURCES_V3 = {
         "xd": (("xd_maple_gram_v3", "maple"), ("xd_maple_gram_v3", "maple + GRAM")),
         "dg": (("dg_maple_gram_v3", "maple"), ("dg_maple_gram_v3", "maple + GRAM"))}),
     "IVLP + UNIGRAM": ("runs/gram10/unigram_anchor05 (text + visual slots, anchored, session 10) for HM and 1 shot; "
-                       "runs/gram11/unigram_anchor05 (the same recipe meta-trained again, session 11) for DG", {
+                       "runs/gram11/unigram_anchor05 (the same recipe meta-trained again, session 11) for 2-16 "
+                       "shots, cross-dataset and DG", {
         "hm": (("base2new_unigram_gram_v3", "ivlp"), ("base2new_unigram_gram_v3", "ivlp + GRAM")),
         "1": (("fewshot1_unigram_gram_v3", "ivlp"), ("fewshot1_unigram_gram_v3", "ivlp + GRAM")),
+        "curve": (("fewshot_unigram_gram_curve_v3", "ivlp"), ("fewshot_unigram_gram_curve_v3", "ivlp + GRAM")),
+        "xd": (("xd_unigram_gram_v3", "ivlp"), ("xd_unigram_gram_v3", "ivlp + GRAM")),
         "dg": (("dg_unigram_gram_v3", "ivlp"), ("dg_unigram_gram_v3", "ivlp + GRAM"))}),
 }
 # which -> (sources, model, output name, what the anchors were)

@@ -543,3 +543,13 @@ OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --models small sma
     --name scale_optimum_errors
 OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --models small small-v1 --images augmented unaugmented --errors \
     --icons 0 --name scale_optimum_errors_emoji
+# the missing cells of gram_summary_v3.md: CoOp M = 4 cross-dataset and DG, IVLP + UNIGRAM's curve and cross-dataset
+A=runs/gram10/m4_anchor025.safetensors
+U=runs/gram11/unigram_anchor05.safetensors
+eval $P3 --name xd_coop4_gram_v3 --protocol xd --datasets $D7 --methods coop --gram $A --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P1 --name dg_coop4_gram_v3 --protocol dg --methods coop --gram $A --set n_ctx=4 "'ctx_init=a photo of a'"
+eval $P1 --name fewshot_unigram_gram_curve_v3 --protocol fewshot --shots 2 4 8 16 --methods ivlp --gram $U
+eval $P3 --name xd_unigram_gram_v3 --protocol xd --datasets $D7 --methods ivlp --gram $U
+# CoCoOp's epochs on the current model (val split, 16 shots, seed 1; shipped: x0.5 = 5 epochs, in tuning_small_v3_cocoop)
+OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods cocoop --mults 1 --epoch-mult 1 --shots 16 --name tuning_small_v3_cocoop_epochs1
+OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods cocoop --mults 1 --epoch-mult 0.25 --shots 16 --name tuning_small_v3_cocoop_epochs025
