@@ -199,6 +199,23 @@ def test_cocoop_batched_context_equals_a_loop_over_images(small_random_backbone)
     assert host.meta_net[2].out_features == bb.text_width
 
 
+def test_cocoop_zero_meta_init_starts_at_the_handwritten_prompt(small_random_backbone):
+    bb = small_random_backbone
+    batch = make_batch(bb, seed=2)
+    coop = CoOp(bb, NAMES, HostConfig(n_ctx=4, ctx_init="a photo of a"))
+    zero = CoCoOp(bb, NAMES, dataclasses.replace(CoCoOp.default_config(bb), meta_init="zero"))
+    paper = CoCoOp(bb, NAMES)
+    with torch.no_grad():
+        ref = coop.logits(batch)
+        assert torch.allclose(zero.logits(batch), ref, atol=1e-5)
+        assert not torch.allclose(paper.logits(batch), ref, atol=1e-3)  # the paper init moves the prompt
+    loss = F.cross_entropy(zero.logits(batch), LABELS)
+    loss.backward()
+    assert zero.meta_net[2].weight.grad.abs().max() > 0  # the meta-net still learns from the first step
+    with pytest.raises(GramvlError, match="meta_init"):
+        CoCoOp(bb, NAMES, dataclasses.replace(CoCoOp.default_config(bb), meta_init="small"))
+
+
 def test_kgcoop_loss_is_ce_plus_lambda_distance_and_zero_at_the_handwritten_init(small_random_backbone):
     bb = small_random_backbone
     host = KgCoOp(bb, NAMES, HostConfig(n_ctx=4, ctx_init="a photo of a", templates=["a photo of a {}."]))

@@ -54,6 +54,9 @@ class HostConfig:
     prograd_lambda: float = 1.0  # ProGrad lambda
     prograd_T: float = 1.0  # ProGrad KL temperature
     meta_hidden: int = 0  # CoCoOp meta-net hidden width (0 -> D // 16)
+    # CoCoOp meta-net init: "paper" = PyTorch's default Linear init, as CoCoOp; "zero" = its last layer at zero, so
+    # training starts exactly from the shared context (session 12: the paper init adds a bias 5x a token's norm)
+    meta_init: str = "paper"
     seed: int = 0
 
 

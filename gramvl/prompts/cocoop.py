@@ -6,8 +6,11 @@ import torch
 from torch import nn
 
 from gramvl.backbone import Backbone
+from gramvl.errors import GramvlError
 from gramvl.prompts.base import HostConfig, Recipe
 from gramvl.prompts.common import TextPromptHost, context_init, seeded
+
+META_INITS = ("paper", "zero")
 
 
 class CoCoOp(TextPromptHost):
@@ -32,10 +35,15 @@ class CoCoOp(TextPromptHost):
         cfg = self.cfg
         self.n_ctx = cfg.n_ctx
         hidden = cfg.meta_hidden or max(1, bb.embed_dim // 16)
+        if cfg.meta_init not in META_INITS:
+            raise GramvlError(f"CoCoOp's meta_init must be one of {', '.join(META_INITS)}, not {cfg.meta_init!r}")
         with seeded(cfg.seed):
             ctx, self.fixed_words = context_init(bb, cfg.ctx_init, cfg.n_ctx, "exact")
             self.meta_net = nn.Sequential(nn.Linear(bb.embed_dim, hidden), nn.ReLU(),
                                           nn.Linear(hidden, bb.text_width)).to(bb.device)
+        if cfg.meta_init == "zero":  # the bias starts at zero: the first forward pass is the shared context's
+            nn.init.zeros_(self.meta_net[2].weight)
+            nn.init.zeros_(self.meta_net[2].bias)
         self.text_ctx = nn.Parameter(ctx.to(bb.device))
         self._build_prompts()
 
