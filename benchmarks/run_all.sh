@@ -553,3 +553,23 @@ eval $P3 --name xd_unigram_gram_v3 --protocol xd --datasets $D7 --methods ivlp -
 # CoCoOp's epochs on the current model (val split, 16 shots, seed 1; shipped: x0.5 = 5 epochs, in tuning_small_v3_cocoop)
 OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods cocoop --mults 1 --epoch-mult 1 --shots 16 --name tuning_small_v3_cocoop_epochs1
 OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods cocoop --mults 1 --epoch-mult 0.25 --shots 16 --name tuning_small_v3_cocoop_epochs025
+# CoCoOp's meta-net init (new option meta_init=zero) and lr on the val split (16 shots, seeds 1-3); an lr ~ 0 run checks
+# that the CoCoOp evaluation path gives zero-shot exactly; CoOp M = 4 on the same val split for reference
+eval $P1 --name val_fewshot16_cocoop_metainit_zero --protocol fewshot --shots 16 --methods cocoop --set meta_init=zero --eval-split val --runs runs/val
+eval $P1 --name val_fewshot16_cocoop_metainit_paper --protocol fewshot --shots 16 --methods cocoop --eval-split val --runs runs/val
+for LR in 0.002 0.008; do
+  eval $P1 --name val_fewshot16_cocoop_zero_lr$LR --protocol fewshot --shots 16 --methods cocoop --set meta_init=zero --lr $LR --eval-split val --runs runs/val
+done
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 --name val_fewshot16_cocoop_zero_lr0 --protocol fewshot --shots 16 \
+    --methods cocoop --set meta_init=zero --lr 1e-12 --eval-split val --runs runs/val
+eval $P1 --name val_fewshot16_coop4 --protocol fewshot --shots 16 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'" --eval-split val --runs runs/val
+# test time: ψ's descent guard (cosine >= 0.5, 0.8): meta-training only (held-out meta-task diagnostics in the sidecar),
+# then the 200-image benchmark with the 0.8 artifact (-> docs/results/tta_200_v3_guard08.md)
+for K in 0.5 0.8; do
+  OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 1 --seeds 1 --datasets fashion-mnist --meta-steps 240 --meta-budget 3000 \
+      --threads 1 --meta-min-cos $K --work runs/tta-guard$K --out /tmp/tta-guard$K --quiet
+done
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
+    --gram runs/gram10/m4_anchor025.safetensors --tta-artifact runs/tta-guard0.8/meta_tta.safetensors --threads 1 \
+    --work runs/tta-guard0.8 --out runs/tta_v3_guard08 --quiet
+cp runs/tta_v3_guard08/tta.json docs/results/tta_200_v3_guard08.json; cp runs/tta_v3_guard08/tta.md docs/results/tta_200_v3_guard08.md
