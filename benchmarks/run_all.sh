@@ -573,3 +573,11 @@ OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --datase
     --gram runs/gram10/m4_anchor025.safetensors --tta-artifact runs/tta-guard0.8/meta_tta.safetensors --threads 1 \
     --work runs/tta-guard0.8 --out runs/tta_v3_guard08 --quiet
 cp runs/tta_v3_guard08/tta.json docs/results/tta_200_v3_guard08.json; cp runs/tta_v3_guard08/tta.md docs/results/tta_200_v3_guard08.md
+# CoOp M = 4 on the same val split with fewer epochs: prompt tuning first dips under zero-shot on this model
+for E in 5 10 20; do
+  eval $P1 --name val_fewshot16_coop4_ep$E --protocol fewshot --shots 16 --methods coop --set n_ctx=4 "'ctx_init=a photo of a'" \
+      --epochs $E --eval-split val --runs runs/val
+done
+# CoCoOp with 25 epochs (5 shipped), seed 1, val: does it come out of the dip as CoOp does?
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 --name val_fewshot16_cocoop_ep25 --protocol fewshot --shots 16 \
+    --methods cocoop --epochs 25 --eval-split val --runs runs/val

@@ -29,6 +29,8 @@ from gramvl.tta.tpt import TPT, TPTConfig, gram_init, hand_init, run_tta_many
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
 LABELS = {"zeroshot": "zero-shot", "tpt": "TPT", "tpt+gram-init": "TPT + GRAM init",
+          "zeroshot+tta-theta": "zero-shot from the test-time θ*", "tpt+tta-theta": "TPT from the test-time θ*",
+          "tpt+structure-psi-words": "TPT + structure-induced ψ* from the words",
           "tpt+psi": "TPT + ψ* (no structure)", "tpt+structure-psi": "TPT + structure-induced ψ*"}
 
 
@@ -76,6 +78,12 @@ def tuners(bb, classnames, seed: int, args, tta_path: Path, first_seed: bool) ->
         out["zeroshot"] = TPT(bb, classnames, hand, TPTConfig(steps=0, batch_images=args.batch_images))
     out["tpt"] = TPT(bb, classnames, hand, cfg)
     out["tpt+gram-init"] = TPT(bb, classnames, gram_init(bb, gram_path, "init"), cfg)
+    if args.parts:  # the test-time artifact's θ* and ψ* apart
+        if first_seed:
+            out["zeroshot+tta-theta"] = TPT(bb, classnames, gram_init(bb, tta_path, "init"),
+                                            TPTConfig(steps=0, batch_images=args.batch_images))
+        out["tpt+tta-theta"] = TPT(bb, classnames, gram_init(bb, tta_path, "init"), cfg)
+        out["tpt+structure-psi-words"] = TPT(bb, classnames, gram_init(bb, tta_path, "regulator"), cfg)
     if args.ablations:
         out["tpt+psi"] = TPT(bb, classnames, gram_init(bb, tta_path, "both", structure=False), cfg)
     out["tpt+structure-psi"] = TPT(bb, classnames, gram_init(bb, tta_path, "both"), cfg)
@@ -88,7 +96,7 @@ def unit_key(bb, name: str, seed: int, args, tta_path: Path) -> str:
 
     gram_path = Path(args.gram) if args.gram else tta_path
     h = hashlib.sha256(json.dumps([bb.ident, name, seed, args.limit, args.n_views, args.batch_images,
-                                   bool(args.ablations)]).encode())
+                                   bool(args.ablations)] + ([True] if args.parts else [])).encode())
     for p in (tta_path, gram_path):
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -139,6 +147,9 @@ def main() -> None:
                     help="ψ's descent guard: cosine of ψ(g) to g at least this (-1: off)")
     ap.add_argument("--retrain", action="store_true", help="meta-train again even if --work has an artifact")
     ap.add_argument("--ablations", action="store_true", help="add the row 'TPT + ψ* without structure'")
+    ap.add_argument("--parts", action="store_true",
+                    help="add rows with the test-time artifact's θ* and ψ* apart: zero-shot and TPT from its θ*, "
+                         "and its structure-induced ψ* from the hand-written words")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/bench-tta", help="relative to the repository root")
     ap.add_argument("--out", default=str(OUT))
