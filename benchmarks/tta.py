@@ -60,7 +60,8 @@ def tta_artifact(args, bb) -> tuple[Path, float]:
     t0 = time.time()
     meta = MetaTTAConfig(steps=args.meta_steps, time_budget_s=args.meta_budget, views=args.meta_views,
                          selection=2.0 / args.meta_views,  # two confident views per corpus image
-                         outer_lr_phi=args.meta_lr_phi, psi_min_cos=args.meta_min_cos, seed=0)
+                         outer_lr_phi=args.meta_lr_phi, psi_min_cos=args.meta_min_cos,
+                         theta_anchor=args.meta_theta_anchor, seed=0)
     job = MetaTTAJob(model=args.model, meta=meta, tasks=TaskConfig(shots=1, queries=2))
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
     if args.retrain and ckpt.is_file():
@@ -145,6 +146,8 @@ def main() -> None:
     ap.add_argument("--meta-lr-phi", type=float, default=1e-2, help="ψ's outer learning rate (short budget)")
     ap.add_argument("--meta-min-cos", type=float, default=-1.0,
                     help="ψ's descent guard: cosine of ψ(g) to g at least this (-1: off)")
+    ap.add_argument("--meta-theta-anchor", type=float, default=0.0,
+                    help="θ's anchor radius around the hand-written words, in token norms (0: off)")
     ap.add_argument("--retrain", action="store_true", help="meta-train again even if --work has an artifact")
     ap.add_argument("--ablations", action="store_true", help="add the row 'TPT + ψ* without structure'")
     ap.add_argument("--parts", action="store_true",
@@ -246,7 +249,7 @@ def render_markdown(rec: dict, names: list[str], methods: list[str]) -> str:
         f"{diag.get('text.cos_to_identity_mean', float('nan')):.3f}. Recipe: {mcfg.get('views')} "
         "cached views "
         f"per corpus image, {mcfg.get('selection')} of them kept, inner AdamW lr {mcfg.get('inner_lr')}, "
-        f"ψ's outer lr {mcfg.get('outer_lr_phi')}, ψ's descent guard (min cosine) {mcfg.get('psi_min_cos', -1.0)}, second order {mcfg.get('second_order')}, time budget "
+        f"ψ's outer lr {mcfg.get('outer_lr_phi')}, ψ's descent guard (min cosine) {mcfg.get('psi_min_cos', -1.0)}, θ's anchor radius {mcfg.get('theta_anchor', 0.0)}, second order {mcfg.get('second_order')}, time budget "
         f"{mcfg.get('time_budget_s')} s.\n\n",
         f"Command: `{rec['command']}`; wall time {rec['seconds']:.0f} s; gramvl commit "
         f"{rec['versions']['git_commit']}.\n",

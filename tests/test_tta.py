@@ -327,6 +327,28 @@ def test_test_time_descent_guard_travels_with_the_artifact(small_random_backbone
     assert (cos >= 0.5 - 1e-5).all()
 
 
+def test_test_time_theta_anchor_keeps_every_row_near_the_words(small_random_backbone, tmp_path):
+    from gramvl.gram.meta import token_norm
+    from gramvl.tta.meta_tta import MetaTTAConfig, ViewFeatureCache, meta_train_tta
+
+    bb = small_random_backbone
+    views = ViewFeatureCache(bb, _write_images(tmp_path / "corpus", 8), views=6, cache=False)
+    protos = _feats(1, 4, bb.embed_dim, seed=4)[0]
+    radius = 0.05 * token_norm(bb)
+    dist = {}
+    for anchor in (0.0, 0.05):
+        cfg = MetaTTAConfig(steps=3, meta_batch=1, views=6, selection=0.34, rank=4, outer_lr_theta=0.5,
+                            theta_anchor=anchor)
+        out = meta_train_tta(cfg, bb, _ToySampler(), views, tmp_path / f"tta{anchor}.safetensors", protos,
+                             progress=False)
+        theta = load_tensors(out)[0]["theta.text_ctx"]
+        dist[anchor] = (theta - hand_init(bb).ctx).norm(dim=-1)
+    assert dist[0.0].max() > 2 * radius  # unanchored, a large outer lr carries θ far from the words
+    assert (dist[0.05] <= radius * (1 + 1e-4)).all() and dist[0.05].max() > 0.5 * radius
+    with pytest.raises(GramvlError, match="theta_anchor"):
+        MetaTTAConfig(theta_anchor=-1.0)
+
+
 def test_second_order_meta_gradient_reaches_theta_and_phi(small_random_backbone):
     from gramvl.tta.meta_tta import MetaTTAConfig, tta_query_loss
 
