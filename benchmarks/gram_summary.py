@@ -2,7 +2,7 @@
 in docs/results/ (no run of its own): base-to-new HM, 1 to 16 shots, cross-dataset and DG on emoji-nature,
 3 seeds each. Each cell is `host -> host + GRAM (difference)`; the sources of every cell are listed under the
 table. Two tables: sessions 1-6 on small-v1 (docs/results/gram_summary.{json,md}) and the current `small`
-(sessions 8-11, docs/results/gram_summary_v3.{json,md}).
+(sessions 8-12, docs/results/gram_summary_v3.{json,md}).
 
     python benchmarks/gram_summary.py            # both
     python benchmarks/gram_summary.py --only v3
@@ -111,7 +111,7 @@ SOURCES_V3 = {
 TABLES = {
     "v1": (SOURCES_V1, "small-v1, sessions 1-6", "gram_summary",
            "Word-initialised hosts use θ* anchored to the words (`meta.theta_anchor=0.5`, session 5)."),
-    "v3": (SOURCES_V3, "`small`, sessions 8-11", "gram_summary_v3",
+    "v3": (SOURCES_V3, "`small`, sessions 8-12", "gram_summary_v3",
            "Word-initialised hosts use θ* anchored to the words: radius 0.25 for CoOp M = 4 and CoCoOp (chosen on "
            "val, session 10), 0.5 for MaPLe and IVLP + UNIGRAM (session 6's radius)."),
 }
