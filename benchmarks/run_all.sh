@@ -581,3 +581,13 @@ done
 # CoCoOp with 25 epochs (5 shipped), seed 1, val: does it come out of the dip as CoOp does?
 OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 --name val_fewshot16_cocoop_ep25 --protocol fewshot --shots 16 \
     --methods cocoop --epochs 25 --eval-split val --runs runs/val
+# test time: the session-11 artifact's θ* and ψ* apart (--parts), and meta-training with θ anchored to the words (0.25)
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
+    --gram runs/gram10/m4_anchor025.safetensors --tta-artifact runs/bench-tta-v3/meta_tta.safetensors --threads 1 \
+    --work runs/bench-tta-v3 --out runs/tta_v3_parts --parts --quiet
+cp runs/tta_v3_parts/tta.json docs/results/tta_200_v3_parts.json; cp runs/tta_v3_parts/tta.md docs/results/tta_200_v3_parts.md
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
+    --gram runs/gram10/m4_anchor025.safetensors --meta-steps 240 --meta-budget 3000 --meta-theta-anchor 0.25 --threads 1 \
+    --work runs/tta-anchor025 --out runs/tta_v3_anchor025 --parts --quiet
+cp runs/tta_v3_anchor025/tta.json docs/results/tta_200_v3_anchor025.json; cp runs/tta_v3_anchor025/tta.md docs/results/tta_200_v3_anchor025.md
+$PY benchmarks/gram_summary.py   # -> gram_summary_v3.md with the session-12 cells
