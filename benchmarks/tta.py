@@ -97,7 +97,8 @@ def unit_key(bb, name: str, seed: int, args, tta_path: Path) -> str:
 
     gram_path = Path(args.gram) if args.gram else tta_path
     h = hashlib.sha256(json.dumps([bb.ident, name, seed, args.limit, args.n_views, args.batch_images,
-                                   bool(args.ablations)] + ([True] if args.parts else [])).encode())
+                                   bool(args.ablations)] + ([True] if args.parts else [])
+                                  + ([args.split] if args.split != "test" else [])).encode())
     for p in (tta_path, gram_path):
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -150,6 +151,8 @@ def main() -> None:
                     help="θ's anchor radius around the hand-written words, in token norms (0: off)")
     ap.add_argument("--retrain", action="store_true", help="meta-train again even if --work has an artifact")
     ap.add_argument("--ablations", action="store_true", help="add the row 'TPT + ψ* without structure'")
+    ap.add_argument("--split", default="test", choices=["test", "val"],
+                    help="evaluate on this split (val: for choices such as the anchor radius)")
     ap.add_argument("--parts", action="store_true",
                     help="add rows with the test-time artifact's θ* and ψ* apart: zero-shot and TPT from its θ*, "
                          "and its structure-induced ψ* from the hand-written words")
@@ -167,7 +170,7 @@ def main() -> None:
     names = args.datasets or default_datasets()
     results: dict[str, dict] = {}
     for name in names:
-        ds = get_dataset(name, "test")
+        ds = get_dataset(name, args.split)
         runs: dict[str, list[dict]] = {}
         for i, seed in enumerate(args.seeds):
             for method, r in run_unit(bb, ds, name, seed, args, tta_path, i == 0).items():
@@ -197,6 +200,7 @@ def main() -> None:
     seconds = time.time() - t0
     cmd = command_line()
     record = {"model": bb.ident, "describe": bb.describe(), "seeds": args.seeds, "limit": args.limit,
+              "split": args.split,
               "n_views": args.n_views, "batch_images": args.batch_images, "threads": args.threads,
               "tta_artifact": {"path": str(tta_path), "seconds_here": round(meta_seconds, 1),
                                **{k: tta_meta.get(k) for k in ("steps_done", "seconds", "structure",
@@ -228,10 +232,12 @@ def render_markdown(rec: dict, names: list[str], methods: list[str]) -> str:
     mcfg = art.get("config") or {}
     lines = [
         "# Test-time prompt tuning with the structure-induced regulator\n\n",
-        f"Model `{rec['model']}`. Each dataset: the same {rec['limit']} test images (a fixed random subset) "
+        f"Model `{rec['model']}`. Each dataset: the same {rec['limit']} {rec.get('split', 'test')} images (a fixed "
+        "random subset) "
         f"for every method; seeds {rec['seeds']} drive the {rec['n_views']} random views (the image + "
         f"{rec['n_views'] - 1} random resized crops with flips); TPT = 10% most confident views, one AdamW "
-        "step (lr 5e-3) on the text context, reset per image. Accuracy % on the test split, mean ± std over "
+        f"step (lr 5e-3) on the text context, reset per image. Accuracy % on the {rec.get('split', 'test')} split, "
+        "mean ± std over "
         "seeds (zero-shot has no randomness).\n\n",
         "Rows: zero-shot = hand-written 'a photo of a {}.'; TPT from the same words; TPT + GRAM init = TPT "
         f"from θ* of `{rec['gram_init_artifact']}`; TPT + structure-induced ψ* = θ* and ψ*(g; e(x)) of the "
