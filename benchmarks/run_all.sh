@@ -2,6 +2,8 @@
 # The benchmark runs behind docs/results/, as they were made in session 1 (2 CPU cores, packaged small CLIP).
 # Sessions 1-6 ran with the small CLIP that is now `small-v1` (gramvl/assets/small_clip_v1.safetensors): to
 # reproduce one of their lines, add `--model small-v1` (meta-train, protocols.py, zeroshot.py, tta.py).
+# Since session 12, test-time meta-training anchors θ to the words (meta.theta_anchor=0.25); the tta.py lines of
+# sessions 1-11 below carry `--meta-theta-anchor 0`, the value their artifacts were made with.
 # Each python script writes its own JSON + markdown table into docs/results/. Runs marked "&" ran side by side
 # (one thread each); wall times in the tables are therefore under load.
 set -euo pipefail
@@ -33,7 +35,7 @@ OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --name base2new_coop4_gram --proto
     --gram runs/gram/coop_m4.safetensors --gram-parts both init regulator --set n_ctx=4 'ctx_init=a photo of a' \
     --datasets emoji-nature --seeds 1 2 3
 # test-time prompt tuning
-OMP_NUM_THREADS=1 $PY benchmarks/tta.py --datasets emoji-nature emoji-nature-lineart fashion-mnist --limit 30 \
+OMP_NUM_THREADS=1 $PY benchmarks/tta.py --meta-theta-anchor 0 --datasets emoji-nature emoji-nature-lineart fashion-mnist --limit 30 \
     --seeds 1 2 3 --gram runs/gram/coop.safetensors --meta-budget 120
 # a short meta-training (250 steps)
 $PY -m gramvl meta-train --host coop --steps 250 --out runs/gram/coop_250.safetensors
@@ -115,7 +117,7 @@ eval $P --name base2new_coop_ctrl --protocol base2new --methods coop --gram-only
 eval $P --name base2new_coop_gram2_parts --protocol base2new --methods coop --gram-only --gram-parts init regulator --gram runs/gram2/coop_pw1.safetensors
 eval $P --name fewshot1_coop_gram2_parts --protocol fewshot --shots 1 --methods coop --gram-only --gram-parts init regulator --gram runs/gram2/coop_pw1.safetensors
 # test-time prompt tuning with the M = 4 artifact as 'GRAM init' and an 8-minute test-time meta-training
-OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 50 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --meta-theta-anchor 0 --limit 50 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
     --gram runs/gram2/coop_m4_pw1.safetensors --retrain --meta-budget 480 --threads 1
 R=docs/results
 $PY benchmarks/gram_table.py --name gram_hosts --hosts coop cocoop vpt maple ivlp \
@@ -235,7 +237,7 @@ done
 OMP_NUM_THREADS=1 $PY benchmarks/theta_zeroshot.py --artifacts gramvl/assets/gram_coop.safetensors runs/gram3/coop_cap15.safetensors \
     runs/gram2/coop_pw1.safetensors runs/gram4/m4_cap15_lr025_phi3.safetensors runs/gram2/coop_m4_pw1.safetensors
 # test-time prompt tuning on every embedded test set, 200 images each (per-(dataset, seed) records resume)
-OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --gram runs/gram2/coop_m4_pw1.safetensors \
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --meta-theta-anchor 0 --limit 200 --seeds 1 2 3 --gram runs/gram2/coop_m4_pw1.safetensors \
     --threads 1 --quiet --out docs/results
 # CoCoOp + GRAM (new recipe, M = 4 artifact) base-to-new; TPT's lr on val for the small CLIP
 eval $P --name base2new_cocoop_gram4 --protocol base2new --methods cocoop --gram-only --gram $M4
@@ -389,7 +391,7 @@ eval $P1 --name base2new_coop4_gram_v3 --protocol base2new --methods coop --gram
 eval $P1 --name base2new_cocoop_gram_v3 --protocol base2new --methods cocoop --gram-only --gram $G4
 wait
 # test-time prompt tuning on the new model (M = 4 artifact as 'GRAM init'; 240 test-time meta-steps, a step count, not a budget)
-OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 50 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --meta-theta-anchor 0 --limit 50 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
     --gram runs/gram8/coop_m4.safetensors --meta-steps 240 --meta-budget 3000 --threads 2 --work runs/bench-tta-v3 \
     --out runs/tta_v3 --quiet   # -> docs/results/tta_50_v3.md
 
@@ -525,7 +527,7 @@ OMP_NUM_THREADS=1 $PY benchmarks/tune_small.py --methods cocoop --mults 0.3 1 3 
 $PY -m gramvl --quiet zeroshot --dataset emoji-nature --split val --json docs/results/zeroshot_val_emoji_nature_v3.json
 # test-time prompt tuning on the current model with the anchored M = 4 artifact as 'GRAM init' (session 8: the unanchored
 # one, 50 images), 200 images per set; the test-time artifact meta-trained again (240 steps)
-OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --meta-theta-anchor 0 --limit 200 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
     --gram runs/gram10/m4_anchor025.safetensors --meta-steps 240 --meta-budget 3000 --threads 1 --work runs/bench-tta-v3 \
     --out runs/tta_v3_a025 --quiet   # -> docs/results/tta_200_v3.md
 # IVLP + UNIGRAM: session 10's recipe meta-trained again (session 10: 540 s on 2 threads; here 1,080 s on one: 276 steps)
@@ -566,7 +568,7 @@ eval $P1 --name val_fewshot16_coop4 --protocol fewshot --shots 16 --methods coop
 # test time: ψ's descent guard (cosine >= 0.5, 0.8): meta-training only (held-out meta-task diagnostics in the sidecar),
 # then the 200-image benchmark with the 0.8 artifact (-> docs/results/tta_200_v3_guard08.md)
 for K in 0.5 0.8; do
-  OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 1 --seeds 1 --datasets fashion-mnist --meta-steps 240 --meta-budget 3000 \
+  OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --meta-theta-anchor 0 --limit 1 --seeds 1 --datasets fashion-mnist --meta-steps 240 --meta-budget 3000 \
       --threads 1 --meta-min-cos $K --work runs/tta-guard$K --out /tmp/tta-guard$K --quiet
 done
 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart fashion-mnist \
@@ -594,3 +596,11 @@ $PY benchmarks/gram_summary.py   # -> gram_summary_v3.md with the session-12 cel
 # CoCoOp with exactly CoOp's schedule (lr 0.002, 50 epochs, zero-initialised meta-net), seed 1, val
 OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 --name val_fewshot16_cocoop_zero_lr0.002_ep50 --protocol fewshot \
     --shots 16 --methods cocoop --set meta_init=zero --lr 0.002 --epochs 50 --eval-split val --runs runs/val
+# the same two artifacts on the val splits (200 images per set): the anchor's on/off choice, made on val
+for A in bench-tta-v3 tta-anchor025; do
+  OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --split val --limit 200 --seeds 1 2 3 --datasets emoji-nature emoji-nature-lineart \
+      fashion-mnist --gram runs/gram10/m4_anchor025.safetensors --tta-artifact runs/$A/meta_tta.safetensors --threads 1 \
+      --work runs/$A --out runs/tta_val_$A --parts --quiet
+done
+cp runs/tta_val_bench-tta-v3/tta.json docs/results/tta_val200_v3_parts.json; cp runs/tta_val_bench-tta-v3/tta.md docs/results/tta_val200_v3_parts.md
+cp runs/tta_val_tta-anchor025/tta.json docs/results/tta_val200_v3_anchor025.json; cp runs/tta_val_tta-anchor025/tta.md docs/results/tta_val200_v3_anchor025.md

@@ -147,8 +147,9 @@ def main() -> None:
     ap.add_argument("--meta-lr-phi", type=float, default=1e-2, help="ψ's outer learning rate (short budget)")
     ap.add_argument("--meta-min-cos", type=float, default=-1.0,
                     help="ψ's descent guard: cosine of ψ(g) to g at least this (-1: off)")
-    ap.add_argument("--meta-theta-anchor", type=float, default=0.0,
-                    help="θ's anchor radius around the hand-written words, in token norms (0: off)")
+    ap.add_argument("--meta-theta-anchor", type=float, default=0.25,
+                    help="θ's anchor radius around the hand-written words, in token norms (0: off, as before "
+                         "session 12)")
     ap.add_argument("--retrain", action="store_true", help="meta-train again even if --work has an artifact")
     ap.add_argument("--ablations", action="store_true", help="add the row 'TPT + ψ* without structure'")
     ap.add_argument("--split", default="test", choices=["test", "val"],

@@ -44,6 +44,7 @@ def ablation_artifact(name: str, full_meta: dict, bb, work: Path, quiet: bool) -
         return out
     cfg = dict(full_meta["config"])
     cfg.update(steps=int(full_meta["steps_done"]), time_budget_s=0.0)
+    cfg.setdefault("theta_anchor", 0.0)  # an artifact made before session 12 had no anchor (the default since)
     task_cfg = dict(full_meta["task_config"])
     for key, value in ABLATIONS[name].items():
         where, field = key.split(".", 1)
