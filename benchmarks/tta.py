@@ -45,6 +45,9 @@ def default_datasets() -> list[str]:
     return embedded_dataset_names()
 
 
+RECIPE_KEYS = ("views", "selection", "outer_lr_phi", "psi_min_cos", "theta_anchor")  # what tta_artifact checks
+
+
 def tta_artifact(args, bb) -> tuple[Path, float]:
     """The test-time GRAM artifact: given, reused from --work, or meta-trained now (time-budgeted)."""
     from gramvl.gram.tasks import TaskConfig
@@ -54,14 +57,22 @@ def tta_artifact(args, bb) -> tuple[Path, float]:
         return Path(args.tta_artifact), 0.0
     out = Path(args.work) / "meta_tta.safetensors"
     side = out.with_suffix(".json")
-    if out.is_file() and side.is_file() and not args.retrain:
-        if json.loads(side.read_text()).get("backbone") == bb.ident:
-            return out, 0.0
-    t0 = time.time()
     meta = MetaTTAConfig(steps=args.meta_steps, time_budget_s=args.meta_budget, views=args.meta_views,
                          selection=2.0 / args.meta_views,  # two confident views per corpus image
                          outer_lr_phi=args.meta_lr_phi, psi_min_cos=args.meta_min_cos,
                          theta_anchor=args.meta_theta_anchor, seed=0)
+    if out.is_file() and side.is_file() and not args.retrain:
+        found = json.loads(side.read_text())
+        if found.get("backbone") == bb.ident:
+            # the recipe options this script sets must match (artifacts before session 12: no guard, no anchor)
+            have = {**{"psi_min_cos": -1.0, "theta_anchor": 0.0}, **(found.get("config") or {})}
+            differ = [f"{k} {have.get(k)} (asked {getattr(meta, k)})" for k in RECIPE_KEYS
+                      if have.get(k) != getattr(meta, k)]
+            if differ:
+                raise SystemExit(f"the test-time artifact in {args.work} was meta-trained with another recipe: "
+                                 f"{', '.join(differ)}; pass --retrain or another --work")
+            return out, 0.0
+    t0 = time.time()
     job = MetaTTAJob(model=args.model, meta=meta, tasks=TaskConfig(shots=1, queries=2))
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
     if args.retrain and ckpt.is_file():
@@ -256,7 +267,8 @@ def render_markdown(rec: dict, names: list[str], methods: list[str]) -> str:
         f"{diag.get('text.cos_to_identity_mean', float('nan')):.3f}. Recipe: {mcfg.get('views')} "
         "cached views "
         f"per corpus image, {mcfg.get('selection')} of them kept, inner AdamW lr {mcfg.get('inner_lr')}, "
-        f"ψ's outer lr {mcfg.get('outer_lr_phi')}, ψ's descent guard (min cosine) {mcfg.get('psi_min_cos', -1.0)}, θ's anchor radius {mcfg.get('theta_anchor', 0.0)}, second order {mcfg.get('second_order')}, time budget "
+        f"ψ's outer lr {mcfg.get('outer_lr_phi')}, ψ's descent guard (min cosine) {mcfg.get('psi_min_cos', -1.0)}, "
+        f"θ's anchor radius {mcfg.get('theta_anchor', 0.0)}, second order {mcfg.get('second_order')}, time budget "
         f"{mcfg.get('time_budget_s')} s.\n\n",
         f"Command: `{rec['command']}`; wall time {rec['seconds']:.0f} s; gramvl commit "
         f"{rec['versions']['git_commit']}.\n",

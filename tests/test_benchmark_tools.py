@@ -32,3 +32,25 @@ def test_collect_takes_rows_by_label_and_refuses_a_silent_choice(tmp_path):
     assert rows["cocoop + GRAM"]["_file"] == "b.json"
     with pytest.raises(SystemExit, match="has no rows \\['vpt'\\]"):
         g._collect([a + ":vpt"])
+
+
+def test_tta_benchmark_refuses_an_artifact_of_another_recipe(tmp_path):
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("tta_bench", ROOT / "benchmarks" / "tta.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+
+    class _Backbone:
+        ident = "gramvl-small:test"
+
+    art = tmp_path / "meta_tta.safetensors"
+    art.write_bytes(b"")
+    # an artifact made before session 12: its sidecar names neither the guard nor the anchor (both were off)
+    art.with_suffix(".json").write_text(json.dumps({"backbone": "gramvl-small:test", "config": {
+        "views": 16, "selection": 0.125, "outer_lr_phi": 0.01}}))
+    args = dict(tta_artifact=None, work=str(tmp_path), meta_steps=240, meta_budget=3000.0, meta_views=16,
+                meta_lr_phi=0.01, meta_min_cos=-1.0, retrain=False, model="small", quiet=True)
+    assert tta.tta_artifact(argparse.Namespace(meta_theta_anchor=0.0, **args), _Backbone())[0] == art
+    with pytest.raises(SystemExit, match="theta_anchor 0.0 \\(asked 0.25\\).*--retrain"):
+        tta.tta_artifact(argparse.Namespace(meta_theta_anchor=0.25, **args), _Backbone())
