@@ -593,8 +593,9 @@ OMP_WAIT_POLICY=PASSIVE $PY benchmarks/tta.py --limit 200 --seeds 1 2 3 --datase
     --work runs/tta-anchor025 --out runs/tta_v3_anchor025 --parts --quiet
 cp runs/tta_v3_anchor025/tta.json docs/results/tta_200_v3_anchor025.json; cp runs/tta_v3_anchor025/tta.md docs/results/tta_200_v3_anchor025.md
 $PY benchmarks/gram_summary.py   # -> gram_summary_v3.md with the session-12 cells
-# CoCoOp with exactly CoOp's schedule (lr 0.002, 50 epochs, zero-initialised meta-net), seed 1, val
-OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 --name val_fewshot16_cocoop_zero_lr0.002_ep50 --protocol fewshot \
+# CoCoOp with exactly CoOp's schedule (lr 0.002, 50 epochs, zero-initialised meta-net), seeds 1-3, val (run here one
+# seed per process; a last call with --seeds 1 2 3 assembled the three records into the summary)
+OMP_NUM_THREADS=1 $PY benchmarks/protocols.py --datasets emoji-nature --seeds 1 2 3 --name val_fewshot16_cocoop_zero_lr0.002_ep50 --protocol fewshot \
     --shots 16 --methods cocoop --set meta_init=zero --lr 0.002 --epochs 50 --eval-split val --runs runs/val
 # the same two artifacts on the val splits (200 images per set): the anchor's on/off choice, made on val
 for A in bench-tta-v3 tta-anchor025; do
