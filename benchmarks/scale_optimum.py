@@ -136,12 +136,9 @@ def main() -> None:
     bb0 = load_backbone(args.models[0])
     corpus = Corpus(cfg, bb0.tokenizer, progress=False)
     subcategory, chance_same = None, None
-    if args.errors:  # the corpus rows in Corpus's order: emoji pairs, then icon pairs (one "icon" group)
-        from gramvl.data.world import load_pretrain_pairs
-
-        emoji = load_pretrain_pairs()
-        subcategory = [p.get("subcategory") for p in emoji] + ["icon"] * (corpus.n_pairs - len(emoji))
-        share = np.unique([str(c) for c in subcategory[:len(emoji)]], return_counts=True)[1] / len(emoji)
+    if args.errors:  # one entry per corpus row: the emoji's Unicode subcategory; the icons form one "icon" group
+        subcategory = [p.get("subcategory") if i < corpus.n_emoji else "icon" for i, p in enumerate(corpus.pairs)]
+        share = np.unique([str(c) for c in subcategory[:corpus.n_emoji]], return_counts=True)[1] / corpus.n_emoji
         chance_same = float((share ** 2).sum())  # two random emoji pairs share a subcategory
     results, rows = {}, []
     for model in args.models:

@@ -240,6 +240,7 @@ class Corpus:
             build_icon_part(progress=progress)
             pairs = pairs + load_icon_pairs()
         self.n_pairs = len(pairs)
+        self.pairs = pairs  # the corpus rows' metadata, in the order batch_index names them
         self.images = load_corpus_images(pairs, cfg.store_size)
         caps, owner = [], []
         for i, p in enumerate(pairs):

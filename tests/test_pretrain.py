@@ -188,3 +188,5 @@ def test_unaugmented_batch_keeps_the_pairs_and_only_resizes_the_images(tmp_path,
     # batch_index names the rows of the same batch: each image has its pair's colour
     colours = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])
     assert torch.allclose(rgb, colours[corpus.batch_index(5)], atol=1e-4)
+    assert [corpus.pairs[i]["name"] for i in corpus.batch_index(5).tolist()] == [
+        pairs[i]["name"] for i in corpus.batch_index(5).tolist()]
