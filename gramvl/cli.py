@@ -97,7 +97,8 @@ def cmd_pretrain(args) -> int:
                          eval_every=args.eval_every, val_sets=args.val_sets or [], ema=args.ema,
                          caption_positives=args.caption_positives, icons=args.icons, init=args.init or "",
                          warmup=args.warmup, photo_aug=args.photo_aug, val_limit=args.val_limit,
-                         threads=args.threads, logit_scale_init=args.logit_scale_init)
+                         threads=args.threads, logit_scale_init=args.logit_scale_init,
+                         pool=args.pool, augment=not args.no_augment)
     best = pretrain(cfg, args.out, progress=not args.quiet)
     print(f"best checkpoint: {best}")
     return 0
@@ -340,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU threads (torch.set_num_threads); 1 lets two runs share a 2-core machine")
     pt.add_argument("--logit-scale-init", type=float, default=0.0,
                     help="start the learned logit scale at this value, e.g. 100 (0: the model's own)")
+    pt.add_argument("--pool", type=int, default=0,
+                    help="diagnostic: train on a fixed random subset of this many pairs (0: the whole corpus)")
+    pt.add_argument("--no-augment", action="store_true",
+                    help="diagnostic: images only resized, no style or geometry augmentation")
     pt.set_defaults(func=cmd_pretrain)
 
     tr = sub.add_parser("train", help="train one host on one dataset (few-shot), then evaluate")

@@ -62,6 +62,11 @@ class PretrainConfig:
     init: str = ""  # a small-CLIP .safetensors to start from (its architecture must match)
     # session 9: start the learned logit scale here (0 = keep the model's: CLIP's 1/0.07, or --init's)
     logit_scale_init: float = 0.0
+    # session 13, a diagnostic of the logit scale (docs/pretraining.md): train on a fixed random subset of this many
+    # pairs (0 = the whole corpus), and with augment=False on the images only resized (no style or geometry
+    # augmentation), so that the model can fit (memorise) its training batches
+    pool: int = 0
+    augment: bool = True
     eval_every: int = 250
     seed: int = 0
     threads: int = 2
@@ -255,8 +260,11 @@ class Corpus:
                                                            len(concept)) for p in pairs])
         self.cap_str_id, self.cap_members = (caption_positive_table(caps, owner, self.concept_id.tolist())
                                              if cfg.caption_positives else (None, None))
+        self.pool = draw_pool(cfg, self.n_emoji, self.n_pairs - self.n_emoji) if cfg.pool else None
 
     def _draw(self, g: torch.Generator) -> torch.Tensor:
+        if self.pool is not None:  # batch_size distinct rows of the fixed pool
+            return self.pool[torch.randperm(len(self.pool), generator=g)[:self.cfg.batch_size]]
         return sample_pairs(g, self.cfg.batch_size, self.n_emoji, self.n_pairs - self.n_emoji, self.cfg.icons)
 
     def batch_index(self, seed: int) -> torch.Tensor:
@@ -335,6 +343,20 @@ def sample_pairs(g: torch.Generator, batch: int, n_emoji: int, n_icons: int, ico
         is_icon = torch.rand(batch, generator=g) < icon_share
         idx = torch.where(is_icon, n_emoji + torch.randint(0, n_icons, (batch,), generator=g), idx)
     return idx
+
+
+def draw_pool(cfg: PretrainConfig, n_emoji: int, n_icons: int) -> torch.Tensor:
+    """The fixed subset of `cfg.pool` distinct corpus rows that `--pool` trains on: drawn like the batches (the
+    same icon share), from a generator of its own seeded by cfg.seed, so a resumed run gets the same pool."""
+    if cfg.pool < cfg.batch_size:
+        raise GramvlError(f"--pool {cfg.pool}: the pool must hold at least one batch ({cfg.batch_size} pairs)")
+    if cfg.pool > n_emoji + n_icons:
+        raise GramvlError(f"--pool {cfg.pool}: the corpus has only {n_emoji + n_icons} pairs")
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 424_242)
+    rows: dict[int, None] = {}
+    while len(rows) < cfg.pool:  # distinct rows in order of first draw
+        rows.update(dict.fromkeys(sample_pairs(g, 4 * cfg.pool, n_emoji, n_icons, cfg.icons).tolist()))
+    return torch.tensor(list(rows)[:cfg.pool])
 
 
 def load_init(net: torch.nn.Module, path: str | Path, model_cfg: dict) -> str:
@@ -451,7 +473,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     t0 = time.time() - state["seconds"]
     while state["step"] < cfg.steps:
         step = state["step"]
-        imgs, text, pos = corpus.batch(cfg.seed * 1_000_003 + step)
+        imgs, text, pos = corpus.batch(cfg.seed * 1_000_003 + step, augmented=cfg.augment)
         lr_mult = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for gr, lr0 in zip(opt.param_groups, base_lrs, strict=True):
             gr["lr"] = lr0 * lr_mult
@@ -459,7 +481,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
         ft = F.normalize(net.encode_text(text), dim=-1)
         # no clamp in the forward pass: exp(log 100) rounds to 100.0000076 in float32, and clamp(max=100) would
         # then cut the scale's gradient, freezing it at the ceiling; the in-place clamp below bounds it instead
-        loss = contrastive_loss(net.logit_scale.exp() * fi @ ft.T, pos)
+        logits = net.logit_scale.exp() * fi @ ft.T
+        loss = contrastive_loss(logits, pos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -481,7 +504,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
             net.train()
             score = val_score(acc) if acc else -float(loss.item())
             state["seconds"] = time.time() - t0
-            rec = {"step": state["step"], "loss": float(loss.item()), "score": score,
+            # in-batch top-1 of this step's batch (before the step): how well the model fits its training batches
+            top1 = float((pos.gather(1, logits.detach().argmax(1, keepdim=True)) > 0).float().mean())
+            rec = {"step": state["step"], "loss": float(loss.item()), "score": score, "batch_top1": top1,
                    "logit_scale": scale_now, "val": acc, "seconds": state["seconds"]}
             state["history"].append(rec)
             tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()

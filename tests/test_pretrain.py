@@ -190,3 +190,53 @@ def test_unaugmented_batch_keeps_the_pairs_and_only_resizes_the_images(tmp_path,
     assert torch.allclose(rgb, colours[corpus.batch_index(5)], atol=1e-4)
     assert [corpus.pairs[i]["name"] for i in corpus.batch_index(5).tolist()] == [
         pairs[i]["name"] for i in corpus.batch_index(5).tolist()]
+
+
+def test_pool_trains_on_a_fixed_subset_and_refuses_a_pool_smaller_than_a_batch(tmp_path, monkeypatch):
+    import open_clip
+    import pytest
+    from PIL import Image
+
+    import gramvl.data.world as world
+    from gramvl.errors import GramvlError
+    from gramvl.pretrain import Corpus, PretrainConfig
+
+    pairs = []
+    for i in range(12):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 40), (20 * i, 0, 0)).save(path)
+        pairs.append({"image": str(path), "name": f"thing {i}", "hexcode": f"h{i}", "keywords": ["thing"]})
+    monkeypatch.setattr(world, "load_pretrain_pairs", lambda: pairs)
+    tok = open_clip.SimpleTokenizer(context_length=32)
+    corpus = Corpus(PretrainConfig(batch_size=4, pool=5, seed=3), tok, progress=False)
+    pool = set(corpus.pool.tolist())
+    assert len(pool) == 5 and pool <= set(range(12))
+    drawn = set()
+    for s in range(40):
+        idx = corpus.batch_index(s).tolist()
+        assert len(idx) == len(set(idx)) == 4   # distinct rows of the pool
+        drawn |= set(idx)
+    assert drawn == pool
+    # the pool is a function of the seed: a resumed run trains on the same pool
+    again = Corpus(PretrainConfig(batch_size=4, pool=5, seed=3), tok, progress=False)
+    assert torch.equal(again.pool, corpus.pool)
+    assert Corpus(PretrainConfig(batch_size=4), tok, progress=False).pool is None
+    with pytest.raises(GramvlError, match="at least one batch"):
+        Corpus(PretrainConfig(batch_size=4, pool=3), tok, progress=False)
+    with pytest.raises(GramvlError, match="only 12 pairs"):
+        Corpus(PretrainConfig(batch_size=4, pool=13), tok, progress=False)
+
+
+def test_a_no_augment_pool_run_never_augments_and_records_its_batch_fit(tmp_path, monkeypatch):
+    import json
+
+    import gramvl.pretrain as pt
+
+    def no_augmentation_expected(*a, **k):
+        raise AssertionError("augment() called in a --no-augment run")
+
+    monkeypatch.setattr(pt, "augment", no_augmentation_expected)
+    best = _tiny_run(tmp_path, monkeypatch, 2, eval_every=1, pool=4, augment=False)
+    history = json.loads((best.parent / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2]
+    assert all(0.0 <= h["batch_top1"] <= 1.0 for h in history)
