@@ -380,7 +380,8 @@ def _sidecar(cfg: PretrainConfig, extra: dict) -> dict:
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) -> Path:
-    """Train the small CLIP; writes OUT/best.safetensors (+ .json) and resumes from OUT/last.* if present."""
+    """Train the small CLIP; writes OUT/best.safetensors (the val-best step) and OUT/final.safetensors (the last
+    step), each with its .json sidecar, and resumes from OUT/last.* if present."""
     if cfg.logit_scale_init and not 0.0 < cfg.logit_scale_init <= 100.0:
         raise GramvlError(f"--logit-scale-init must be in (0, 100] (CLIP clamps at 100), got {cfg.logit_scale_init}")
     out = Path(out_dir)
@@ -464,10 +465,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
             if ema is not None:
                 net.load_state_dict(self.live, strict=False)
 
-    def export_best() -> None:
+    def export(name: str) -> None:
+        """A loadable small CLIP (fp16, like the packaged one): best.safetensors (the val-best step) or
+        final.safetensors (the last step; what a diagnostic of the training itself reads)."""
         tensors = {k: v.half() for k, v in net.state_dict().items() if not k.endswith("attn_mask")}
         extra = {"state": state, "val": state["history"][-1] if state["history"] else {}}
-        save_tensors(out / "best.safetensors", tensors, _sidecar(cfg, extra))
+        save_tensors(out / name, tensors, _sidecar(cfg, extra))
 
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="pretrain", disable=not progress, mininterval=5)
     t0 = time.time() - state["seconds"]
@@ -514,8 +517,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
             if score > state["best_score"]:
                 state["best_score"], state["best_step"] = score, state["step"]
                 with _Swapped():
-                    export_best()
+                    export("best.safetensors")
             save(last, True, {"state": state})
     bar.close()
+    with _Swapped():
+        export("final.safetensors")
     write_json(out / "history.json", state["history"])
     return out / "best.safetensors"

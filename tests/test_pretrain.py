@@ -240,3 +240,12 @@ def test_a_no_augment_pool_run_never_augments_and_records_its_batch_fit(tmp_path
     history = json.loads((best.parent / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2]
     assert all(0.0 <= h["batch_top1"] <= 1.0 for h in history)
+    # final.safetensors is the last step's weights as a loadable small CLIP (fp16, like best.safetensors)
+    from gramvl.backbone import load_backbone
+    from gramvl.io import load_tensors
+
+    final = load_backbone(str(best.parent / "final.safetensors"))
+    last = load_tensors(best.parent / "last.safetensors")[0]
+    for k, v in final.model.state_dict().items():
+        if f"model.{k}" in last and not k.endswith("attn_mask"):
+            assert torch.equal(v, last[f"model.{k}"].half().float()), k
