@@ -15,8 +15,8 @@ artifact is retrained only when missing, and a protocol folder is named by its a
     python benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 4 --threads 2 1 --steps 300 --epochs 40 \
         --seeds 1 --kmeans torch --name meta_seed_spread_demo
     # the shipped artifact's recipe (600 meta-steps, faiss k-means, full CoOp schedule, seeds 1-3)
-    python benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 --steps 600 --seeds 1 2 3 --kmeans faiss \
-        --name meta_seed_spread_v3
+    python benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 4 --steps 600 --seeds 1 2 3 --kmeans faiss \
+        --with-shipped --name meta_seed_spread_v3
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="downstream (few-shot) seeds")
     ap.add_argument("--kmeans", choices=["torch", "faiss"], default="faiss",
                     help="CMHC's k-means (a clean clone without gramvl[scale] uses torch)")
+    ap.add_argument("--with-shipped", action="store_true",
+                    help="add a reference row: the shipped artifact (--gram default), outside the spread")
     ap.add_argument("--work", default="runs/meta_seed_spread")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--name", default="meta_seed_spread")
@@ -101,6 +103,15 @@ def main() -> None:
             print(f"meta-seed {ms}, {th} thread(s): {r}", flush=True)
             rows.append([str(ms), str(th), digest[:12], f"{r['base']:.2f}", f"{r['new']:.2f}", f"{r['hm']:.2f}",
                          " / ".join(f"{h:.2f}" for h in r["hm_per_seed"]), f"{r['hm'] - base['hm']:+.2f}"])
+    shipped = None
+    if args.with_shipped:
+        torch.set_num_threads(args.threads[0])
+        from gramvl.gram.attach import resolve_artifact
+
+        path = resolve_artifact("default")
+        shipped = b2n(bb, work, "gram_shipped", "default", args.seeds, args.epochs)
+        shipped.update({"artifact": str(path.name), "sha256": sha256(path)})
+        print(f"shipped artifact: {shipped}", flush=True)
     hms = [r["hm"] for r in arts]
     m, s = mean_std(hms)
     # the downstream seeds' spread of one artifact, averaged over the artifacts (what the tables' ± measure)
@@ -113,12 +124,18 @@ def main() -> None:
            f"{' '.join(map(str, args.threads))} --steps {args.steps}"
            + (f" --epochs {args.epochs}" if args.epochs else "")
            + f" --seeds {' '.join(map(str, args.seeds))} --kmeans {args.kmeans} --name {args.name}")
-    record = {"command": cmd, "coop": base, "gram": arts, "summary": summary, "versions": versions(),
+    if shipped:
+        cmd += " --with-shipped"
+    record = {"command": cmd, "coop": base, "gram": arts, "shipped": shipped, "summary": summary, "versions": versions(),
               "seconds": time.time() - t0}
     out = Path(args.out)
     write_json(out / f"{args.name}.json", record)
     rows.append(["**all**", "", f"{len(hms)} artifacts", "", "", f"**{m:.2f} ± {s:.2f}**",
                  f"min {min(hms):.2f}, max {max(hms):.2f}", f"{m - base['hm']:+.2f}"])
+    if shipped:
+        rows.append([f"shipped `{shipped['artifact']}`", "", shipped["sha256"][:12], f"{shipped['base']:.2f}",
+                     f"{shipped['new']:.2f}", f"{shipped['hm']:.2f}",
+                     " / ".join(f"{h:.2f}" for h in shipped["hm_per_seed"]), f"{shipped['hm'] - base['hm']:+.2f}"])
     md = ["# GRAM's spread over meta-training runs\n\n",
           f"Base-to-new CoOp (M = 16) + GRAM on emoji-nature, 16 shots, downstream seeds "
           f"{', '.join(map(str, args.seeds))}, CoOp {'for ' + str(args.epochs) + ' epochs' if args.epochs else 'with its schedule'}"
