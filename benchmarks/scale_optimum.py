@@ -20,6 +20,9 @@ negative, whose caption won: an emoji of the same Unicode subcategory (flags, fa
 included: near-duplicates), another emoji, an icon (for an icon image), or the other corpus. `--icons 0`
 draws emoji-only batches (the session-8 mix has 40% icons).
 
+`--pool N` draws the batches from the fixed pool of N pairs that `gramvl pretrain --pool N` trains on (session
+13: does the scale rise once a model fits its training batches?).
+
 Writes docs/results/scale_optimum.{json,md}.
     python benchmarks/scale_optimum.py --models small small-v2 small-v1 runs/x/best.safetensors
     python benchmarks/scale_optimum.py --models small --batch-sizes 128 512 2048 8192 --name scale_optimum_batch
@@ -118,6 +121,9 @@ def main() -> None:
     ap.add_argument("--icons", type=float, default=0.4, help="share of icon pairs per batch (session 8's mix: 0.4)")
     ap.add_argument("--errors", action="store_true",
                     help="add what the in-batch mistakes are (same-subcategory emoji, other emoji, icons)")
+    ap.add_argument("--pool", type=int, default=0,
+                    help="draw the batches from the fixed pool of `gramvl pretrain --pool N` (seed 0): the pairs a "
+                         "pool run trained on (session 13)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--name", default="scale_optimum")
@@ -128,7 +134,8 @@ def main() -> None:
     # captions as positives
     if min(args.batch_sizes) < 2:
         raise SystemExit("--batch-sizes: a contrastive batch needs at least 2 pairs")
-    cfg = PretrainConfig(batch_size=args.batch_sizes[0], icons=args.icons, photo_aug=0.15, caption_positives=True)
+    cfg = PretrainConfig(batch_size=args.batch_sizes[0], icons=args.icons, photo_aug=0.15, caption_positives=True,
+                         pool=args.pool)
     total_pairs = args.batches * args.batch_sizes[0]
     multi = len(args.batch_sizes) > 1  # one row per model and size
     both = len(args.images) > 1  # one row per model, size and kind of images
@@ -177,6 +184,7 @@ def main() -> None:
                          + " ".join(args.models)
                          + (f" --batch-sizes {sizes}" if multi else "") + (" --images " + " ".join(args.images) if args.images != ["augmented"] else "")
                          + (f" --icons {args.icons:g}" if args.icons != 0.4 else "") + (" --errors" if args.errors else "")
+                         + (f" --pool {args.pool}" if args.pool else "")
                          + (f" --name {args.name}" if args.name != "scale_optimum" else "")}
     out = Path(args.out)
     write_json(out / f"{args.name}.json", record)
@@ -185,6 +193,8 @@ def main() -> None:
           + (f"on fresh pre-training batches of each size in the table ({total_pairs} pairs in total per size; the "
              "number of batches in brackets)" if multi else
              f"on {args.batches} fresh pre-training batches of {cfg.batch_size} pairs")
+          + (f", drawn from the fixed pool of {args.pool} pairs that `gramvl pretrain --pool {args.pool}` trains on"
+             if args.pool else "")
           + (f" ({100 * args.icons:.0f}% icons, 15% photo-style images, shared " if args.images == ["augmented"] else
              f" ({100 * args.icons:.0f}% icons; images: 'augmented' with the training augmentation, 15% of them photo-style, "
              "'unaugmented' the same pairs with the images only resized; shared ")
