@@ -605,3 +605,24 @@ for A in bench-tta-v3 tta-anchor025; do
 done
 cp runs/tta_val_bench-tta-v3/tta.json docs/results/tta_val200_v3_parts.json; cp runs/tta_val_bench-tta-v3/tta.md docs/results/tta_val200_v3_parts.md
 cp runs/tta_val_tta-anchor025/tta.json docs/results/tta_val200_v3_anchor025.json; cp runs/tta_val_tta-anchor025/tta.md docs/results/tta_val200_v3_anchor025.md
+
+# ---- session 13 ----
+# GRAM's spread over meta-training runs. The demo's recipe (300 meta-steps, torch k-means as in a clean clone,
+# CoOp 40 epochs, seed 1), 5 meta-seeds x 1 and 2 CPU threads; then the shipped artifact's recipe (600 meta-steps,
+# faiss, the full CoOp schedule, seeds 1-3), 5 meta-seeds, with the shipped artifact as a reference row
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 4 --threads 2 1 --steps 300 --epochs 40 \
+    --seeds 1 --kmeans torch --name meta_seed_spread_demo
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 4 --steps 600 --seeds 1 2 3 --kmeans faiss \
+    --with-shipped --name meta_seed_spread_v3
+# does the logit scale rise once the model fits its training batches? 400 steps from `small` on a fixed pool of
+# 1,024 pairs, with and without the augmentation (one thread each, side by side), then the loss's optimum scale
+# on the pool's batches and on fresh corpus batches
+L="$PY -m gramvl --quiet pretrain --steps 400 --batch-size 128 --lr 3e-4 --warmup 20 --icons 0.4 --photo-aug 0.15 \
+   --caption-positives --eval-every 50 --val-limit 300 --threads 1 --init gramvl/assets/small_clip.safetensors \
+   --val-sets emoji-nature emoji-nature-lineart fashion-mnist --pool 1024"
+OMP_NUM_THREADS=1 $L --out runs/s13_fit/pool1024_noaug --no-augment &
+OMP_NUM_THREADS=1 $L --out runs/s13_fit/pool1024_aug &
+wait
+M="small runs/s13_fit/pool1024_noaug/final.safetensors runs/s13_fit/pool1024_aug/final.safetensors"
+$PY benchmarks/scale_optimum.py --models $M --images augmented unaugmented --pool 1024 --by-positives --threads 1 --name scale_optimum_pool
+$PY benchmarks/scale_optimum.py --models $M --images augmented unaugmented --by-positives --threads 1 --name scale_optimum_pool_corpus

@@ -20,6 +20,9 @@ negative, whose caption won: an emoji of the same Unicode subcategory (flags, fa
 included: near-duplicates), another emoji, an icon (for an icon image), or the other corpus. `--icons 0`
 draws emoji-only batches (the session-8 mix has 40% icons).
 
+`--by-positives` adds s* of the image->text loss on the images with one positive caption in their batch and on
+those with several (session 13: does the multi-positive target hold the scale down?).
+
 `--pool N` draws the batches from the fixed pool of N pairs that `gramvl pretrain --pool N` trains on (session
 13: does the scale rise once a model fits its training batches?).
 
@@ -62,20 +65,36 @@ def error_kind(i: int, j: int, n_emoji: int, subcategory: list) -> str:
 
 
 @torch.no_grad()
+def image_to_text_rows(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The image->text half of the training loss, one value per image (row)."""
+    return torch.sum(-(pos / pos.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1)
+
+
 def losses_by_scale(bb, corpus: Corpus, batches: int, seed: int, augmented: bool = True,
-                    subcategory: list | None = None) -> tuple[np.ndarray, dict]:
+                    subcategory: list | None = None, by_positives: bool = False) -> tuple[np.ndarray, dict]:
     """Mean loss over `batches` batches for every grid scale ([len(SCALES)]), and the statistics of the same
     batches: mean cosine of the positive pairs, mean and variance of the negative pairs' cosines, and the
     in-batch top-1 (share of images whose most similar caption in the batch is a positive one). With
-    `subcategory` (one entry per corpus row), also the share of each ERROR_KINDS among the mistakes."""
+    `subcategory` (one entry per corpus row), also the share of each ERROR_KINDS among the mistakes. With
+    `by_positives`, also s* of the image->text loss on the images with one positive caption in the batch and on
+    those with several (the same concept twice, or a shared caption such as 'a flag.'): CLIP's loss has one
+    positive per row, this project's pre-training loss spreads the target over all of them."""
     net = bb.model
     total = np.zeros(len(SCALES))
     pos_sum = pos_n = neg_sum = neg_sq = neg_n = top1 = rows = 0.0
     errors = dict.fromkeys(ERROR_KINDS, 0)
+    single_curve, multi_curve, n_single, n_multi = np.zeros(len(SCALES)), np.zeros(len(SCALES)), 0, 0
     for b in range(batches):
         imgs, text, pos = corpus.batch(seed * 1_000_003 + b, augmented=augmented)
         cos = F.normalize(net.encode_image(imgs), dim=-1) @ F.normalize(net.encode_text(text), dim=-1).T
         total += [float(contrastive_loss(float(s) * cos, pos)) for s in SCALES]
+        if by_positives:
+            single = pos.sum(1) == 1
+            n_single, n_multi = n_single + int(single.sum()), n_multi + int((~single).sum())
+            for k, s in enumerate(SCALES):
+                rows_loss = image_to_text_rows(float(s) * cos, pos)
+                single_curve[k] += float(rows_loss[single].sum())
+                multi_curve[k] += float(rows_loss[~single].sum())
         best = cos.argmax(1, keepdim=True)
         hit = pos.gather(1, best)[:, 0] > 0
         top1 += float(hit.sum())
@@ -91,6 +110,10 @@ def losses_by_scale(bb, corpus: Corpus, batches: int, seed: int, augmented: bool
     mu = neg_sum / neg_n
     stats = {"pos_cos": pos_sum / pos_n, "neg_cos": mu, "neg_var": neg_sq / neg_n - mu * mu,
              "in_batch_top1": top1 / rows}
+    if by_positives:
+        stats["multi_positive_share"] = n_multi / max(1, n_single + n_multi)
+        stats["s_single_positive"] = refine_minimum(single_curve) if n_single else None
+        stats["s_multi_positive"] = refine_minimum(multi_curve) if n_multi else None
     if subcategory is not None:
         n_err = max(1, sum(errors.values()))
         stats["errors"] = {k: v / n_err for k, v in errors.items()}
@@ -121,6 +144,9 @@ def main() -> None:
     ap.add_argument("--icons", type=float, default=0.4, help="share of icon pairs per batch (session 8's mix: 0.4)")
     ap.add_argument("--errors", action="store_true",
                     help="add what the in-batch mistakes are (same-subcategory emoji, other emoji, icons)")
+    ap.add_argument("--by-positives", action="store_true",
+                    help="add s* of the image->text loss on images with one positive caption in the batch and on "
+                         "those with several (session 13)")
     ap.add_argument("--pool", type=int, default=0,
                     help="draw the batches from the fixed pool of `gramvl pretrain --pool N` (seed 0): the pairs a "
                          "pool run trained on (session 13)")
@@ -157,7 +183,7 @@ def main() -> None:
             corpus.cfg = replace(cfg, batch_size=bs)
             n_batches = max(1, round(total_pairs / bs))
             curve, stats = losses_by_scale(bb, corpus, n_batches, args.seed, augmented=images == "augmented",
-                                           subcategory=subcategory)
+                                           subcategory=subcategory, by_positives=args.by_positives)
             i = int(np.argmin(curve))
             at = {s: float(np.interp(math.log(s), np.log(SCALES), curve)) for s in (scale, 100.0)}
             r = {"ident": bb.ident, "logit_scale": scale, "batch_size": bs, "batches": n_batches,
@@ -173,7 +199,10 @@ def main() -> None:
                            f"{r['loss_at_model_scale']:.3f}", f"{r['loss_at_100']:.3f}", f"{r['loss_at_best']:.3f}"]
                         + ([f"{r['best_scale_refined']:.1f}", f"{r['pos_cos']:.3f}", f"{r['neg_cos']:.3f} ± "
                             f"{math.sqrt(r['neg_var']):.3f}", f"{100 * r['in_batch_top1']:.1f}"] if extra else [])
-                        + ([f"{100 * r['errors'][k]:.0f}" for k in ERROR_KINDS] if args.errors else []))
+                        + ([f"{100 * r['errors'][k]:.0f}" for k in ERROR_KINDS] if args.errors else [])
+                        + ([f"{100 * r['multi_positive_share']:.1f}"]
+                           + [f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("s_single_positive", "s_multi_positive")]
+                           if args.by_positives else []))
             print(rows[-1], flush=True)
     sizes = " ".join(map(str, args.batch_sizes))
     record = {"models": args.models, "batches": args.batches, "batch_sizes": args.batch_sizes, "seed": args.seed,
@@ -184,7 +213,7 @@ def main() -> None:
                          + " ".join(args.models)
                          + (f" --batch-sizes {sizes}" if multi else "") + (" --images " + " ".join(args.images) if args.images != ["augmented"] else "")
                          + (f" --icons {args.icons:g}" if args.icons != 0.4 else "") + (" --errors" if args.errors else "")
-                         + (f" --pool {args.pool}" if args.pool else "")
+                         + (f" --pool {args.pool}" if args.pool else "") + (" --by-positives" if args.by_positives else "")
                          + (f" --name {args.name}" if args.name != "scale_optimum" else "")}
     out = Path(args.out)
     write_json(out / f"{args.name}.json", record)
@@ -212,6 +241,11 @@ def main() -> None:
              "icon (icon images), or to the other corpus (an emoji's caption for an icon image or the reverse). Two "
              f"random emoji pairs share a subcategory {100 * chance_same:.1f}% of the time.\n\n"
              if args.errors else "")
+          + ("The last three columns split the image->text half of the loss by the images' positives: the share "
+             "of images with several positive captions in their batch (the same concept twice, or a shared caption "
+             "such as 'a flag.'; the loss spreads their target over all of them, where CLIP's loss has one positive "
+             "per row), and s* of the half on the images with one positive and on those with several.\n\n"
+             if args.by_positives else "")
           + ("When the batch is large the loss of a row is about -s pos + log N + log E[exp(s neg)]: the batch size N only "
              "adds a constant, so s* is set by the features (how far the positives stand above the upper tail of "
              "the negatives), not by N.\n\n" if multi else ""),
@@ -220,7 +254,9 @@ def main() -> None:
                           "loss at 100", "loss at s*"]
                          + (["s* between grid points", "positive cosine", "negative cosine (mean ± std)",
                              "in-batch top-1 %"] if extra else [])
-                         + ([f"mistakes: {k} %" for k in ERROR_KINDS] if args.errors else []),
+                         + ([f"mistakes: {k} %" for k in ERROR_KINDS] if args.errors else [])
+                         + (["images with several positives %", "s*, one-positive images (image->text)",
+                             "s*, several-positive images (image->text)"] if args.by_positives else []),
                          rows),
           f"\nCommand: `{record['command']}`; wall time {time.time() - t0:.0f} s on {args.threads} CPU thread(s); "
           f"gramvl commit {record['versions']['git_commit']}.\n"]

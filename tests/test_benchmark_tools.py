@@ -54,3 +54,22 @@ def test_tta_benchmark_refuses_an_artifact_of_another_recipe(tmp_path):
     assert tta.tta_artifact(argparse.Namespace(meta_theta_anchor=0.0, **args), _Backbone())[0] == art
     with pytest.raises(SystemExit, match="theta_anchor 0.0 \\(asked 0.25\\).*--retrain"):
         tta.tta_artifact(argparse.Namespace(meta_theta_anchor=0.25, **args), _Backbone())
+
+
+def test_scale_optimum_rows_are_the_image_to_text_half_of_the_training_loss():
+    import torch
+
+    from gramvl.pretrain import contrastive_loss, positive_matrix
+
+    spec = importlib.util.spec_from_file_location("scale_optimum", ROOT / "benchmarks" / "scale_optimum.py")
+    so = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(so)
+    g = torch.Generator().manual_seed(0)
+    logits = 10 * torch.randn(6, 6, generator=g)
+    pos = positive_matrix(torch.tensor([0, 1, 1, 2, 3, 3]), None, None)  # rows 1-2 and 4-5 have two positives
+    rows = so.image_to_text_rows(logits, pos)
+    cols = so.image_to_text_rows(logits.T, pos.T)
+    assert rows.shape == (6,)
+    assert torch.allclose(0.5 * (rows.mean() + cols.mean()), contrastive_loss(logits, pos))
+    # a row with one positive is plain cross-entropy on it
+    assert torch.allclose(rows[0], torch.nn.functional.cross_entropy(logits[:1], torch.tensor([0])))
