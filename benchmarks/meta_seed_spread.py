@@ -9,6 +9,10 @@ sessions 11-12): the same seed run with 1 or 2 CPU threads, or on corpus feature
 thread count (they differ in the last float bit), gives another artifact. `--threads 2 1` repeats each
 meta-seed with both thread counts to measure that effect beside the seed's.
 
+`--protocol dg|fewshot`, `--host-set` (CoOp options for meta-training and tuning alike) and `--theta-anchor`
+check another cell of the GRAM tables the same way; `--reference ARTIFACT` adds the artifact a table used as a
+reference row.
+
 Writes docs/results/{name}.{json,md}; artifacts and protocol folders go under --work (reused when present: an
 artifact is retrained only when missing, and a protocol folder is named by its artifact's sha256).
     # the demo's recipe (300 meta-steps, torch k-means as in a clean clone, CoOp 40 epochs, seed 1)
@@ -40,22 +44,44 @@ from gramvl.gram.pipeline import MetaTrainJob, run_meta_train
 from gramvl.io import write_json, write_text
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
+PROTOCOL_METRIC = {"base2new": "hm", "dg": "accuracy", "fewshot": "accuracy"}
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def b2n(bb, work: Path, label: str, gram: str | None, seeds: list[int], epochs: int | None) -> dict:
-    p = ProtocolConfig(protocol="base2new", method="coop", datasets=["emoji-nature"], seeds=seeds, shots=[16],
-                       out=str(work / label), epochs=epochs, gram=gram)
+def parse_host_opts(items: list[str]) -> dict:
+    """KEY=VALUE host options (numbers read as numbers), as `benchmarks/protocols.py --set` takes them."""
+    opts = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--host-set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                v = cast(v)
+                break
+            except ValueError:
+                continue
+        opts[k] = v
+    return opts
+
+
+def evaluate(bb, args, work: Path, label: str, gram: str | None, host: dict) -> dict:
+    """CoOp (+ GRAM) on emoji-nature under args.protocol: the protocol's metric (mean over the seeds, in %), the
+    same per seed, and base and new for base-to-new."""
+    metric = PROTOCOL_METRIC[args.protocol]
+    p = ProtocolConfig(protocol=args.protocol, method="coop", datasets=["emoji-nature"], seeds=args.seeds,
+                       shots=[args.shots], out=str(work / label), epochs=args.epochs, gram=gram, host=dict(host))
     summary = run_protocol(p, progress=False, bb=bb)
     per_seed = []
-    for s in seeds:
-        rec = json.loads(record_path(work / label, "emoji-nature", 16, s).read_text())
-        per_seed.append(100 * rec["metrics"]["hm"])
+    for s in args.seeds:
+        rec = json.loads(record_path(work / label, "emoji-nature", args.shots, s).read_text())
+        per_seed.append(100 * rec["metrics"][metric])
     a = summary["average"]
-    return {"base": 100 * a["base"], "new": 100 * a["new"], "hm": 100 * a["hm"], "hm_per_seed": per_seed}
+    return {**{k: 100 * a[k] for k in ("base", "new") if k in a}, metric: 100 * a[metric],
+            f"{metric}_per_seed": per_seed}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -70,82 +96,116 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600, help="meta-steps")
     ap.add_argument("--epochs", type=int, default=None, help="CoOp epochs (default: the host's schedule)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="downstream (few-shot) seeds")
+    ap.add_argument("--protocol", choices=sorted(PROTOCOL_METRIC), default="base2new",
+                    help="base2new (HM), dg (emoji-nature -> its line art) or fewshot (accuracy)")
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--host-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="CoOp options for meta-training and tuning alike, e.g. n_ctx=4 'ctx_init=a photo of a'")
+    ap.add_argument("--theta-anchor", type=float, default=0.0, help="meta.theta_anchor of the meta-training")
     ap.add_argument("--kmeans", choices=["torch", "faiss"], default="faiss",
                     help="CMHC's k-means (a clean clone without gramvl[scale] uses torch)")
     ap.add_argument("--with-shipped", action="store_true",
                     help="add a reference row: the shipped artifact (--gram default), outside the spread")
+    ap.add_argument("--reference", nargs="*", default=[],
+                    help="more reference rows: existing artifacts (e.g. the one a table used), outside the spread")
     ap.add_argument("--work", default="runs/meta_seed_spread")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--name", default="meta_seed_spread")
     args = ap.parse_args()
     t0 = time.time()
+    metric = PROTOCOL_METRIC[args.protocol]
+    head = {"hm": "HM", "accuracy": "accuracy"}[metric]
+    host = parse_host_opts(args.host_set)
     work = Path(args.work) / args.name
     bb = load_backbone("small")
     torch.set_num_threads(args.threads[0])
-    base = b2n(bb, work, "coop", None, args.seeds, args.epochs)
+    base = evaluate(bb, args, work, "coop", None, host)
     print(f"CoOp: {base}", flush=True)
+
+    def row(first: list[str], r: dict) -> list[str]:
+        return first + ([f"{r['base']:.2f}", f"{r['new']:.2f}"] if metric == "hm" else []) + [
+            f"{r[metric]:.2f}", " / ".join(f"{h:.2f}" for h in r[f"{metric}_per_seed"]),
+            f"{r[metric] - base[metric]:+.2f}"]
+
     arts, rows = [], []
     for ms in args.meta_seeds:
         for th in args.threads:
             torch.set_num_threads(th)
             art = work / f"gram_ms{ms}_t{th}.safetensors"
             if not art.is_file():
-                job = MetaTrainJob(meta=MetaConfig(host="coop", steps=args.steps, seed=ms),
+                job = MetaTrainJob(meta=MetaConfig(host="coop", steps=args.steps, seed=ms, host_cfg=dict(host),
+                                                   theta_anchor=args.theta_anchor),
                                    cmhc=replace(CMHCConfig(), use_faiss=args.kmeans == "faiss"))
                 run_meta_train(job, art, bb=bb, progress=False)
             side = json.loads(art.with_suffix(".json").read_text())
             digest = sha256(art)
-            r = b2n(bb, work, f"gram_{digest[:12]}", str(art), args.seeds, args.epochs)
+            r = evaluate(bb, args, work, f"gram_{digest[:12]}", str(art), host)
             r.update({"meta_seed": ms, "threads": th, "artifact": str(art), "sha256": digest,
                       "steps_done": side["steps_done"], "kmeans_backend": side["kmeans_backend"],
                       "corpus_features_sha256": side.get("corpus_features_sha256")})
             arts.append(r)
             print(f"meta-seed {ms}, {th} thread(s): {r}", flush=True)
-            rows.append([str(ms), str(th), digest[:12], f"{r['base']:.2f}", f"{r['new']:.2f}", f"{r['hm']:.2f}",
-                         " / ".join(f"{h:.2f}" for h in r["hm_per_seed"]), f"{r['hm'] - base['hm']:+.2f}"])
-    shipped = None
-    if args.with_shipped:
-        torch.set_num_threads(args.threads[0])
+            rows.append(row([str(ms), str(th), digest[:12]], r))
+    torch.set_num_threads(args.threads[0])
+    refs = (["default"] if args.with_shipped else []) + list(args.reference)
+    references = []
+    for ref in refs:
         from gramvl.gram.attach import resolve_artifact
 
-        path = resolve_artifact("default")
-        shipped = b2n(bb, work, "gram_shipped", "default", args.seeds, args.epochs)
-        shipped.update({"artifact": str(path.name), "sha256": sha256(path)})
-        print(f"shipped artifact: {shipped}", flush=True)
-    hms = [r["hm"] for r in arts]
-    m, s = mean_std(hms)
+        path = resolve_artifact(ref)
+        digest = sha256(path)
+        r = evaluate(bb, args, work, "gram_shipped" if ref == "default" else f"gram_ref_{digest[:12]}", ref, host)
+        r.update({"artifact": str(path.name) if ref == "default" else str(path), "sha256": digest,
+                  "shipped": ref == "default"})
+        references.append(r)
+        print(f"reference {ref}: {r}", flush=True)
+    vals = [r[metric] for r in arts]
+    m, s = mean_std(vals)
     # the downstream seeds' spread of one artifact, averaged over the artifacts (what the tables' ± measure)
-    within = statistics.fmean(mean_std(r["hm_per_seed"])[1] for r in arts) if len(args.seeds) > 1 else None
-    summary = {"hm_mean": m, "hm_std_over_artifacts": s, "hm_min": min(hms), "hm_max": max(hms),
-               "coop_hm": base["hm"], "gain_mean": m - base["hm"],
-               "artifacts_over_coop": sum(h > base["hm"] for h in hms), "artifacts": len(hms),
+    within = (statistics.fmean(mean_std(r[f"{metric}_per_seed"])[1] for r in arts)
+              if len(args.seeds) > 1 else None)
+    summary = {f"{metric}_mean": m, f"{metric}_std_over_artifacts": s, f"{metric}_min": min(vals),
+               f"{metric}_max": max(vals), f"coop_{metric}": base[metric], "gain_mean": m - base[metric],
+               "artifacts_over_coop": sum(v > base[metric] for v in vals), "artifacts": len(vals),
                "within_artifact_std_over_seeds": within}
     cmd = (f"python benchmarks/meta_seed_spread.py --meta-seeds {' '.join(map(str, args.meta_seeds))} --threads "
            f"{' '.join(map(str, args.threads))} --steps {args.steps}"
            + (f" --epochs {args.epochs}" if args.epochs else "")
-           + f" --seeds {' '.join(map(str, args.seeds))} --kmeans {args.kmeans} --name {args.name}")
-    if shipped:
-        cmd += " --with-shipped"
-    record = {"command": cmd, "coop": base, "gram": arts, "shipped": shipped, "summary": summary, "versions": versions(),
-              "seconds": time.time() - t0}
+           + f" --seeds {' '.join(map(str, args.seeds))} --kmeans {args.kmeans} --name {args.name}"
+           + (f" --protocol {args.protocol}" if args.protocol != "base2new" else "")
+           + (f" --shots {args.shots}" if args.shots != 16 else "")
+           + (" --host-set " + " ".join(f"'{x}'" if " " in x else x for x in args.host_set) if args.host_set else "")
+           + (f" --theta-anchor {args.theta_anchor:g}" if args.theta_anchor else "")
+           + (" --with-shipped" if args.with_shipped else "")
+           + (" --reference " + " ".join(args.reference) if args.reference else ""))
+    shipped = next((r for r in references if r["shipped"]), None)
+    record = {"command": cmd, "protocol": args.protocol, "host": host, "theta_anchor": args.theta_anchor,
+              "coop": base, "gram": arts, "shipped": shipped, "references": references, "summary": summary,
+              "versions": versions(), "seconds": time.time() - t0}
     out = Path(args.out)
     write_json(out / f"{args.name}.json", record)
-    rows.append(["**all**", "", f"{len(hms)} artifacts", "", "", f"**{m:.2f} ± {s:.2f}**",
-                 f"min {min(hms):.2f}, max {max(hms):.2f}", f"{m - base['hm']:+.2f}"])
-    if shipped:
-        rows.append([f"shipped `{shipped['artifact']}`", "", shipped["sha256"][:12], f"{shipped['base']:.2f}",
-                     f"{shipped['new']:.2f}", f"{shipped['hm']:.2f}",
-                     " / ".join(f"{h:.2f}" for h in shipped["hm_per_seed"]), f"{shipped['hm'] - base['hm']:+.2f}"])
+    blank = ["", ""] if metric == "hm" else []
+    rows.append(["**all**", "", f"{len(vals)} artifacts"] + blank + [
+        f"**{m:.2f} ± {s:.2f}**", f"min {min(vals):.2f}, max {max(vals):.2f}", f"{m - base[metric]:+.2f}"])
+    for r in references:
+        rows.append(row([f"shipped `{r['artifact']}`" if r["shipped"] else f"reference `{r['artifact']}`", "",
+                         r["sha256"][:12]], r))
+    what = {"base2new": f"Base-to-new CoOp{{host}} + GRAM on emoji-nature, {args.shots} shots",
+            "dg": f"DG: CoOp{{host}} + GRAM trained on emoji-nature ({args.shots} shots), accuracy on its line art",
+            "fewshot": f"Few-shot CoOp{{host}} + GRAM on emoji-nature, {args.shots} shots"}[args.protocol]
+    host_txt = f" ({', '.join(f'{k} = {v!r}' for k, v in host.items())})" if host else " (M = 16)"
     md = ["# GRAM's spread over meta-training runs\n\n",
-          f"Base-to-new CoOp (M = 16) + GRAM on emoji-nature, 16 shots, downstream seeds "
-          f"{', '.join(map(str, args.seeds))}, CoOp {'for ' + str(args.epochs) + ' epochs' if args.epochs else 'with its schedule'}"
-          f"; each row is one artifact meta-trained for {args.steps} steps ({args.kmeans} k-means) with the meta-seed "
-          f"and CPU thread count of its row. Plain CoOp with the same seeds: base {base['base']:.2f}, new "
-          f"{base['new']:.2f}, **HM {base['hm']:.2f}** (per seed: "
-          + " / ".join(f"{h:.2f}" for h in base["hm_per_seed"]) + ").\n\n",
-          markdown_table(["meta-seed", "threads", "artifact sha256", "base", "new", "HM", "HM per seed",
-                          "HM - CoOp"], rows),
-          f"\n{summary['artifacts_over_coop']} of {len(hms)} artifacts beat plain CoOp's HM. "
+          what.format(host=host_txt) + f", downstream seeds {', '.join(map(str, args.seeds))}, CoOp "
+          f"{'for ' + str(args.epochs) + ' epochs' if args.epochs else 'with its schedule'}"
+          f"; each row is one artifact meta-trained for {args.steps} steps ({args.kmeans} k-means"
+          + (f", θ anchored to the words with radius {args.theta_anchor:g}" if args.theta_anchor else "")
+          + ") with the meta-seed and CPU thread count of its row. Plain CoOp with the same seeds: "
+          + (f"base {base['base']:.2f}, new {base['new']:.2f}, " if metric == "hm" else "")
+          + f"**{head} {base[metric]:.2f}** (per seed: "
+          + " / ".join(f"{h:.2f}" for h in base[f"{metric}_per_seed"]) + ").\n\n",
+          markdown_table(["meta-seed", "threads", "artifact sha256"] + (["base", "new"] if metric == "hm" else [])
+                         + [head, f"{head} per seed", f"{head} - CoOp"], rows),
+          f"\n{summary['artifacts_over_coop']} of {len(vals)} artifacts beat plain CoOp's {head}. "
           + (f"The spread over the downstream seeds of one artifact (the ± of the other tables), averaged over "
              f"the artifacts: {within:.2f}.\n" if within is not None else "\n"),
           f"\nCommand: `{cmd}`; wall time {time.time() - t0:.0f} s; gramvl commit {record['versions']['git_commit']}.\n"]
