@@ -467,7 +467,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
 
     def export(name: str) -> None:
         """A loadable small CLIP (fp16, like the packaged one): best.safetensors (the val-best step) or
-        final.safetensors (the last step; what a diagnostic of the training itself reads)."""
+        final.safetensors (the last step; what a diagnostic of the training itself reads); with --ema, the
+        weight average at that step."""
         tensors = {k: v.half() for k, v in net.state_dict().items() if not k.endswith("attn_mask")}
         extra = {"state": state, "val": state["history"][-1] if state["history"] else {}}
         save_tensors(out / name, tensors, _sidecar(cfg, extra))
