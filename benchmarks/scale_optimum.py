@@ -64,12 +64,12 @@ def error_kind(i: int, j: int, n_emoji: int, subcategory: list) -> str:
     return ERROR_KINDS[2] if i >= n_emoji and j >= n_emoji else ERROR_KINDS[3]
 
 
-@torch.no_grad()
 def image_to_text_rows(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """The image->text half of the training loss, one value per image (row)."""
     return torch.sum(-(pos / pos.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1)
 
 
+@torch.no_grad()
 def losses_by_scale(bb, corpus: Corpus, batches: int, seed: int, augmented: bool = True,
                     subcategory: list | None = None, by_positives: bool = False) -> tuple[np.ndarray, dict]:
     """Mean loss over `batches` batches for every grid scale ([len(SCALES)]), and the statistics of the same
