@@ -614,6 +614,10 @@ OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 
     --seeds 1 --kmeans torch --name meta_seed_spread_demo
 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 4 --steps 600 --seeds 1 2 3 --kmeans faiss \
     --with-shipped --name meta_seed_spread_v3
+# the same for CoOp M = 4's DG cell (its anchored recipe, one thread as the table's artifact was made)
+OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --protocol dg --host-set n_ctx=4 'ctx_init=a photo of a' \
+    --theta-anchor 0.25 --meta-seeds 0 1 2 3 4 --threads 1 --steps 600 --seeds 1 2 3 --kmeans faiss \
+    --reference runs/gram10/m4_anchor025.safetensors --name meta_seed_spread_coop4_dg
 # does the logit scale rise once the model fits its training batches? 400 steps from `small` on a fixed pool of
 # 1,024 pairs, with and without the augmentation (one thread each, side by side), then the loss's optimum scale
 # on the pool's batches and on fresh corpus batches
