@@ -10,8 +10,8 @@ thread count (they differ in the last float bit), gives another artifact. `--thr
 meta-seed with both thread counts to measure that effect beside the seed's.
 
 `--protocol dg|fewshot`, `--host-set` (CoOp options for meta-training and tuning alike) and `--theta-anchor`
-check another cell of the GRAM tables the same way; `--reference ARTIFACT` adds the artifact a table used as a
-reference row.
+check another cell of the GRAM tables the same way; `--method cocoop --tune-set` tunes another host (with its own
+options) from the CoOp artifacts; `--reference ARTIFACT` adds the artifact a table used as a reference row.
 
 Writes docs/results/{name}.{json,md}; artifacts and protocol folders go under --work (reused when present: an
 artifact is retrained only when missing, and a protocol folder is named by its artifact's sha256).
@@ -69,10 +69,10 @@ def parse_host_opts(items: list[str]) -> dict:
 
 
 def evaluate(bb, args, work: Path, label: str, gram: str | None, host: dict) -> dict:
-    """CoOp (+ GRAM) on emoji-nature under args.protocol: the protocol's metric (mean over the seeds, in %), the
-    same per seed, and base and new for base-to-new."""
+    """args.method (+ GRAM) on emoji-nature under args.protocol: the protocol's metric (mean over the seeds, in
+    %), the same per seed, and base and new for base-to-new."""
     metric = PROTOCOL_METRIC[args.protocol]
-    p = ProtocolConfig(protocol=args.protocol, method="coop", datasets=["emoji-nature"], seeds=args.seeds,
+    p = ProtocolConfig(protocol=args.protocol, method=args.method, datasets=["emoji-nature"], seeds=args.seeds,
                        shots=[args.shots], out=str(work / label), epochs=args.epochs, gram=gram, host=dict(host))
     summary = run_protocol(p, progress=False, bb=bb)
     per_seed = []
@@ -101,6 +101,10 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--host-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="CoOp options for meta-training and tuning alike, e.g. n_ctx=4 'ctx_init=a photo of a'")
+    ap.add_argument("--method", default="coop",
+                    help="the host tuned with each artifact (the artifacts are meta-trained for CoOp), e.g. cocoop")
+    ap.add_argument("--tune-set", nargs="*", default=None, metavar="KEY=VALUE",
+                    help="the tuned host's options when they differ from --host-set (none given: its defaults)")
     ap.add_argument("--theta-anchor", type=float, default=0.0, help="meta.theta_anchor of the meta-training")
     ap.add_argument("--kmeans", choices=["torch", "faiss"], default="faiss",
                     help="CMHC's k-means (a clean clone without gramvl[scale] uses torch)")
@@ -116,11 +120,13 @@ def main() -> None:
     metric = PROTOCOL_METRIC[args.protocol]
     head = {"hm": "HM", "accuracy": "accuracy"}[metric]
     host = parse_host_opts(args.host_set)
+    tune = host if args.tune_set is None else parse_host_opts(args.tune_set)
+    name = {"coop": "CoOp", "cocoop": "CoCoOp"}.get(args.method, args.method)
     work = Path(args.work) / args.name
     bb = load_backbone("small")
     torch.set_num_threads(args.threads[0])
-    base = evaluate(bb, args, work, "coop", None, host)
-    print(f"CoOp: {base}", flush=True)
+    base = evaluate(bb, args, work, args.method, None, tune)
+    print(f"{name}: {base}", flush=True)
 
     def row(first: list[str], r: dict) -> list[str]:
         return first + ([f"{r['base']:.2f}", f"{r['new']:.2f}"] if metric == "hm" else []) + [
@@ -139,7 +145,7 @@ def main() -> None:
                 run_meta_train(job, art, bb=bb, progress=False)
             side = json.loads(art.with_suffix(".json").read_text())
             digest = sha256(art)
-            r = evaluate(bb, args, work, f"gram_{digest[:12]}", str(art), host)
+            r = evaluate(bb, args, work, f"gram_{digest[:12]}", str(art), tune)
             r.update({"meta_seed": ms, "threads": th, "artifact": str(art), "sha256": digest,
                       "steps_done": side["steps_done"], "kmeans_backend": side["kmeans_backend"],
                       "corpus_features_sha256": side.get("corpus_features_sha256")})
@@ -154,7 +160,7 @@ def main() -> None:
 
         path = resolve_artifact(ref)
         digest = sha256(path)
-        r = evaluate(bb, args, work, "gram_shipped" if ref == "default" else f"gram_ref_{digest[:12]}", ref, host)
+        r = evaluate(bb, args, work, "gram_shipped" if ref == "default" else f"gram_ref_{digest[:12]}", ref, tune)
         r.update({"artifact": str(path.name) if ref == "default" else str(path), "sha256": digest,
                   "shipped": ref == "default"})
         references.append(r)
@@ -176,10 +182,14 @@ def main() -> None:
            + (f" --shots {args.shots}" if args.shots != 16 else "")
            + (" --host-set " + " ".join(f"'{x}'" if " " in x else x for x in args.host_set) if args.host_set else "")
            + (f" --theta-anchor {args.theta_anchor:g}" if args.theta_anchor else "")
+           + (f" --method {args.method}" if args.method != "coop" else "")
+           + (" --tune-set" + "".join(f" '{x}'" if " " in x else f" {x}" for x in args.tune_set)
+              if args.tune_set is not None else "")
            + (" --with-shipped" if args.with_shipped else "")
            + (" --reference " + " ".join(args.reference) if args.reference else ""))
     shipped = next((r for r in references if r["shipped"]), None)
-    record = {"command": cmd, "protocol": args.protocol, "host": host, "theta_anchor": args.theta_anchor,
+    record = {"command": cmd, "protocol": args.protocol, "method": args.method, "host": host, "tune_host": tune,
+              "theta_anchor": args.theta_anchor,
               "coop": base, "gram": arts, "shipped": shipped, "references": references, "summary": summary,
               "versions": versions(), "seconds": time.time() - t0}
     out = Path(args.out)
@@ -190,22 +200,26 @@ def main() -> None:
     for r in references:
         rows.append(row([f"shipped `{r['artifact']}`" if r["shipped"] else f"reference `{r['artifact']}`", "",
                          r["sha256"][:12]], r))
-    what = {"base2new": f"Base-to-new CoOp{{host}} + GRAM on emoji-nature, {args.shots} shots",
-            "dg": f"DG: CoOp{{host}} + GRAM trained on emoji-nature ({args.shots} shots), accuracy on its line art",
-            "fewshot": f"Few-shot CoOp{{host}} + GRAM on emoji-nature, {args.shots} shots"}[args.protocol]
-    host_txt = f" ({', '.join(f'{k} = {v!r}' for k, v in host.items())})" if host else " (M = 16)"
+    what = {"base2new": f"Base-to-new {name}{{host}} + GRAM on emoji-nature, {args.shots} shots",
+            "dg": f"DG: {name}{{host}} + GRAM trained on emoji-nature ({args.shots} shots), accuracy on its line art",
+            "fewshot": f"Few-shot {name}{{host}} + GRAM on emoji-nature, {args.shots} shots"}[args.protocol]
+    host_txt = (f" ({', '.join(f'{k} = {v!r}' for k, v in tune.items())})" if tune else
+                " (M = 16)" if args.method == "coop" else " (its defaults)")
+    if tune != host:
+        host_txt += (f" with artifacts meta-trained for CoOp ({', '.join(f'{k} = {v!r}' for k, v in host.items())})"
+                     if host else " with artifacts meta-trained for CoOp (M = 16)")
     md = ["# GRAM's spread over meta-training runs\n\n",
-          what.format(host=host_txt) + f", downstream seeds {', '.join(map(str, args.seeds))}, CoOp "
+          what.format(host=host_txt) + f", downstream seeds {', '.join(map(str, args.seeds))}, {name} "
           f"{'for ' + str(args.epochs) + ' epochs' if args.epochs else 'with its schedule'}"
           f"; each row is one artifact meta-trained for {args.steps} steps ({args.kmeans} k-means"
           + (f", θ anchored to the words with radius {args.theta_anchor:g}" if args.theta_anchor else "")
-          + ") with the meta-seed and CPU thread count of its row. Plain CoOp with the same seeds: "
+          + f") with the meta-seed and CPU thread count of its row. Plain {name} with the same seeds: "
           + (f"base {base['base']:.2f}, new {base['new']:.2f}, " if metric == "hm" else "")
           + f"**{head} {base[metric]:.2f}** (per seed: "
           + " / ".join(f"{h:.2f}" for h in base[f"{metric}_per_seed"]) + ").\n\n",
           markdown_table(["meta-seed", "threads", "artifact sha256"] + (["base", "new"] if metric == "hm" else [])
-                         + [head, f"{head} per seed", f"{head} - CoOp"], rows),
-          f"\n{summary['artifacts_over_coop']} of {len(vals)} artifacts beat plain CoOp's {head}. "
+                         + [head, f"{head} per seed", f"{head} - {name}"], rows),
+          f"\n{summary['artifacts_over_coop']} of {len(vals)} artifacts beat plain {name}'s {head}. "
           + (f"The spread over the downstream seeds of one artifact (the ± of the other tables), averaged over "
              f"the artifacts: {within:.2f}.\n" if within is not None else "\n"),
           f"\nCommand: `{cmd}`; wall time {time.time() - t0:.0f} s; gramvl commit {record['versions']['git_commit']}.\n"]
