@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from gramvl.backbone import load_backbone
 from gramvl.engine.protocols import ProtocolConfig, record_path, run_protocol
@@ -52,20 +53,8 @@ def sha256(path: Path) -> str:
 
 
 def parse_host_opts(items: list[str]) -> dict:
-    """KEY=VALUE host options (numbers read as numbers), as `benchmarks/protocols.py --set` takes them."""
-    opts = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--host-set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        for cast in (int, float):
-            try:
-                v = cast(v)
-                break
-            except ValueError:
-                continue
-        opts[k] = v
-    return opts
+    """KEY=VALUE host options, read as `benchmarks/protocols.py --set` reads them."""
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(items)))
 
 
 def evaluate(bb, args, work: Path, label: str, gram: str | None, host: dict) -> dict:
