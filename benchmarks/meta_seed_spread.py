@@ -160,7 +160,8 @@ def main() -> None:
     within = (statistics.fmean(mean_std(r[f"{metric}_per_seed"])[1] for r in arts)
               if len(args.seeds) > 1 else None)
     summary = {f"{metric}_mean": m, f"{metric}_std_over_artifacts": s, f"{metric}_min": min(vals),
-               f"{metric}_max": max(vals), f"coop_{metric}": base[metric], "gain_mean": m - base[metric],
+               f"{metric}_max": max(vals), f"{args.method}_{metric}": base[metric], "gain_mean": m - base[metric],
+               # (named for the first tables, which tuned CoOp: the artifacts over the plain tuned host)
                "artifacts_over_coop": sum(v > base[metric] for v in vals), "artifacts": len(vals),
                "within_artifact_std_over_seeds": within}
     cmd = (f"python benchmarks/meta_seed_spread.py --meta-seeds {' '.join(map(str, args.meta_seeds))} --threads "
@@ -179,7 +180,7 @@ def main() -> None:
     shipped = next((r for r in references if r["shipped"]), None)
     record = {"command": cmd, "protocol": args.protocol, "method": args.method, "host": host, "tune_host": tune,
               "theta_anchor": args.theta_anchor,
-              "coop": base, "gram": arts, "shipped": shipped, "references": references, "summary": summary,
+              args.method: base, "gram": arts, "shipped": shipped, "references": references, "summary": summary,
               "versions": versions(), "seconds": time.time() - t0}
     out = Path(args.out)
     write_json(out / f"{args.name}.json", record)
