@@ -618,6 +618,17 @@ OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 
 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --protocol dg --host-set n_ctx=4 'ctx_init=a photo of a' \
     --theta-anchor 0.25 --meta-seeds 0 1 2 3 4 --threads 1 --steps 600 --seeds 1 2 3 --kmeans faiss \
     --reference runs/gram10/m4_anchor025.safetensors --name meta_seed_spread_coop4_dg
+# and CoCoOp's DG cell (+0.20) from the same five artifacts (copied into its work folder to skip meta-training them
+# again: the same seed, thread count and caches rebuild them byte for byte, as meta-seed 0 showed above); run on both
+# cores as two processes that take the units from either end (records are written atomically and reused)
+W=runs/meta_seed_spread; mkdir -p $W/meta_seed_spread_cocoop_dg
+cp $W/meta_seed_spread_coop4_dg/gram_ms*_t1.* $W/meta_seed_spread_cocoop_dg/
+C="OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --method cocoop --tune-set --protocol dg \
+   --host-set n_ctx=4 'ctx_init=a photo of a' --theta-anchor 0.25 --threads 1 --steps 600 --seeds 1 2 3 --kmeans faiss \
+   --name meta_seed_spread_cocoop_dg"
+eval $C --meta-seeds 0 1 2 3 4 &
+sleep 900; eval $C --meta-seeds 4 3 2 --out /tmp/partial   # after the plain-CoCoOp runs; its partial table is dropped
+wait
 # does the logit scale rise once the model fits its training batches? 400 steps from `small` on a fixed pool of
 # 1,024 pairs, with and without the augmentation (one thread each, side by side), then the loss's optimum scale
 # on the pool's batches and on fresh corpus batches
