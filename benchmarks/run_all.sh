@@ -627,7 +627,7 @@ C="OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py 
    --host-set n_ctx=4 'ctx_init=a photo of a' --theta-anchor 0.25 --threads 1 --steps 600 --seeds 1 2 3 --kmeans faiss \
    --name meta_seed_spread_cocoop_dg"
 eval $C --meta-seeds 0 1 2 3 4 &
-sleep 900; eval $C --meta-seeds 4 3 2 --out /tmp/partial   # after the plain-CoCoOp runs; its partial table is dropped
+sleep 900; eval $C --meta-seeds 4 3 2 --out runs/meta_seed_spread/partial   # after the plain-CoCoOp runs; its partial table is dropped
 wait
 # does the logit scale rise once the model fits its training batches? 400 steps from `small` on a fixed pool of
 # 1,024 pairs, with and without the augmentation (one thread each, side by side), then the loss's optimum scale
