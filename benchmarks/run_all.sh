@@ -614,6 +614,14 @@ OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 
     --seeds 1 --kmeans torch --name meta_seed_spread_demo
 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 4 --steps 600 --seeds 1 2 3 --kmeans faiss \
     --with-shipped --name meta_seed_spread_v3
+# the same 5 artifacts on CoOp's few-shot curve (copied into each work folder; 2 threads as they were made)
+W=runs/meta_seed_spread
+for K in 1 2 4 8 16; do
+  mkdir -p $W/meta_seed_spread_v3_${K}shot
+  cp $W/meta_seed_spread_v3/gram_ms*_t2.safetensors $W/meta_seed_spread_v3/gram_ms*_t2.json $W/meta_seed_spread_v3_${K}shot/
+  OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --protocol fewshot --shots $K --meta-seeds 0 1 2 3 4 --steps 600 \
+      --seeds 1 2 3 --kmeans faiss --with-shipped --name meta_seed_spread_v3_${K}shot
+done
 # the same for CoOp M = 4's DG cell (its anchored recipe, one thread as the table's artifact was made)
 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --protocol dg --host-set n_ctx=4 'ctx_init=a photo of a' \
     --theta-anchor 0.25 --meta-seeds 0 1 2 3 4 --threads 1 --steps 600 --seeds 1 2 3 --kmeans faiss \
