@@ -77,11 +77,12 @@ def gram_demo(bb, out: Path, quick: bool = False) -> None:
     # the artifact just meta-trained, and the shipped one: a short meta-training run is chaotic (the last float
     # bit of a reduction, which the CPU and its thread count decide, can change its HM by several points;
     # docs/results/meta_seed_spread_demo.md), the shipped artifact is the same file everywhere
-    arms = (("CoOp", None), (f"CoOp + GRAM (meta-trained now, {steps_done} steps)", str(art)),
-            ("CoOp + GRAM (shipped artifact)", "default"))
+    arms = (("CoOp", None, "b2n_coop"),
+            (f"CoOp + GRAM (meta-trained now, {steps_done} steps)", str(art), "b2n_coop_gram"),
+            ("CoOp + GRAM (shipped artifact)", "default", "b2n_coop_gram_shipped"))
     rows, summaries = [], {}
-    for i, (label, gram) in enumerate(arms):
-        folder = out / ("b2n_coop", "b2n_coop_gram", "b2n_coop_gram_shipped")[i]
+    for label, gram, sub in arms:
+        folder = out / sub
         shutil.rmtree(folder, ignore_errors=True)  # the demo's own scratch: always a fresh run
         p = ProtocolConfig(protocol="base2new", method="coop", datasets=datasets, seeds=[1], shots=[16],
                            out=str(folder), epochs=epochs, gram=gram)
