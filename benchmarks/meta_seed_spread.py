@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 from gramvl.backbone import load_backbone
 from gramvl.engine.protocols import ProtocolConfig, record_path, run_protocol
 from gramvl.engine.results import markdown_table, versions
+from gramvl.gram.attach import resolve_artifact
 from gramvl.gram.cmhc import CMHCConfig
 from gramvl.gram.meta import MetaConfig
 from gramvl.gram.pipeline import MetaTrainJob, run_meta_train
@@ -145,8 +146,6 @@ def main() -> None:
     refs = (["default"] if args.with_shipped else []) + list(args.reference)
     references = []
     for ref in refs:
-        from gramvl.gram.attach import resolve_artifact
-
         path = resolve_artifact(ref)
         digest = sha256(path)
         r = evaluate(bb, args, work, "gram_shipped" if ref == "default" else f"gram_ref_{digest[:12]}", ref, tune)
