@@ -9,9 +9,10 @@ sessions 11-12): the same seed run with 1 or 2 CPU threads, or on corpus feature
 thread count (they differ in the last float bit), gives another artifact. `--threads 2 1` repeats each
 meta-seed with both thread counts to measure that effect beside the seed's.
 
-`--protocol dg|fewshot`, `--host-set` (CoOp options for meta-training and tuning alike) and `--theta-anchor`
+`--protocol dg|xd|fewshot`, `--host-set` (host options for meta-training and tuning alike) and `--theta-anchor`
 check another cell of the GRAM tables the same way; `--method cocoop --tune-set` tunes another host (with its own
-options) from the CoOp artifacts; `--reference ARTIFACT` adds the artifact a table used as a reference row.
+options) from the CoOp artifacts; `--meta-host maple` (with `--meta-set second_order=false`, `--unigram`)
+meta-trains for another host; `--reference ARTIFACT` adds the artifact a table used as a reference row.
 
 Writes docs/results/{name}.{json,md}; artifacts and protocol folders go under --work (reused when present: an
 artifact is retrained only when missing, and a protocol folder is named by its artifact's sha256).
@@ -46,7 +47,10 @@ from gramvl.gram.pipeline import MetaTrainJob, run_meta_train
 from gramvl.io import write_json, write_text
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
-PROTOCOL_METRIC = {"base2new": "hm", "dg": "accuracy", "fewshot": "accuracy"}
+PROTOCOL_METRIC = {"base2new": "hm", "dg": "accuracy", "fewshot": "accuracy", "xd": "accuracy"}
+# the cross-dataset targets of the xd tables (xd_*_gram_v3): the six other OpenMoji colour sets
+XD_TARGETS = ["emoji-animals", "emoji-food", "emoji-activities", "emoji-travel", "emoji-objects", "emoji-faces"]
+HOST_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "maple": "MaPLe", "vpt": "VPT", "ivlp": "IVLP"}
 
 
 def sha256(path: Path) -> str:
@@ -63,7 +67,8 @@ def evaluate(bb, args, work: Path, label: str, gram: str | None, host: dict) -> 
     %), the same per seed, and base and new for base-to-new."""
     metric = PROTOCOL_METRIC[args.protocol]
     p = ProtocolConfig(protocol=args.protocol, method=args.method, datasets=["emoji-nature"], seeds=args.seeds,
-                       shots=[args.shots], out=str(work / label), epochs=args.epochs, gram=gram, host=dict(host))
+                       shots=[args.shots], out=str(work / label), epochs=args.epochs, gram=gram, host=dict(host),
+                       targets=XD_TARGETS if args.protocol == "xd" else [])
     summary = run_protocol(p, progress=False, bb=bb)
     per_seed = []
     for s in args.seeds:
@@ -83,16 +88,24 @@ def main() -> None:
     ap.add_argument("--meta-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, nargs="+", default=[2],
                     help="CPU thread counts; every meta-seed is meta-trained and evaluated with each")
+    ap.add_argument("--tune-threads", type=int, default=None,
+                    help="CPU threads of the tuning runs (default: the thread count of the artifact's meta-training)")
     ap.add_argument("--steps", type=int, default=600, help="meta-steps")
-    ap.add_argument("--epochs", type=int, default=None, help="CoOp epochs (default: the host's schedule)")
+    ap.add_argument("--epochs", type=int, default=None, help="tuning epochs (default: the host's schedule)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="downstream (few-shot) seeds")
     ap.add_argument("--protocol", choices=sorted(PROTOCOL_METRIC), default="base2new",
-                    help="base2new (HM), dg (emoji-nature -> its line art) or fewshot (accuracy)")
+                    help="base2new (HM), dg (emoji-nature -> its line art), xd (emoji-nature -> the six other "
+                         "colour sets, mean accuracy) or fewshot (accuracy)")
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--host-set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="CoOp options for meta-training and tuning alike, e.g. n_ctx=4 'ctx_init=a photo of a'")
-    ap.add_argument("--method", default="coop",
-                    help="the host tuned with each artifact (the artifacts are meta-trained for CoOp), e.g. cocoop")
+                    help="host options for meta-training and tuning alike, e.g. n_ctx=4 'ctx_init=a photo of a'")
+    ap.add_argument("--meta-host", default="coop", choices=["coop", "vpt", "ivlp", "maple"],
+                    help="the host the artifacts are meta-trained for (meta.host)")
+    ap.add_argument("--unigram", action="store_true", help="meta-train text and visual slots jointly (ivlp)")
+    ap.add_argument("--meta-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more MetaConfig fields, e.g. second_order=false")
+    ap.add_argument("--method", default=None,
+                    help="the host tuned with each artifact (default: --meta-host), e.g. cocoop with CoOp artifacts")
     ap.add_argument("--tune-set", nargs="*", default=None, metavar="KEY=VALUE",
                     help="the tuned host's options when they differ from --host-set (none given: its defaults)")
     ap.add_argument("--theta-anchor", type=float, default=0.0, help="meta.theta_anchor of the meta-training")
@@ -106,15 +119,19 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--name", default="meta_seed_spread")
     args = ap.parse_args()
+    args.method = args.method or args.meta_host
     t0 = time.time()
     metric = PROTOCOL_METRIC[args.protocol]
     head = {"hm": "HM", "accuracy": "accuracy"}[metric]
     host = parse_host_opts(args.host_set)
     tune = host if args.tune_set is None else parse_host_opts(args.tune_set)
-    name = {"coop": "CoOp", "cocoop": "CoCoOp"}.get(args.method, args.method)
+    name = HOST_NAMES.get(args.method, args.method)
+    meta_extra = parse_host_opts(args.meta_set)
+    if unknown := set(meta_extra) - set(MetaConfig.__dataclass_fields__):
+        raise SystemExit(f"--meta-set: unknown MetaConfig field(s) {sorted(unknown)}")
     work = Path(args.work) / args.name
     bb = load_backbone("small")
-    torch.set_num_threads(args.threads[0])
+    torch.set_num_threads(args.tune_threads or args.threads[0])
     base = evaluate(bb, args, work, args.method, None, tune)
     print(f"{name}: {base}", flush=True)
 
@@ -129,10 +146,12 @@ def main() -> None:
             torch.set_num_threads(th)
             art = work / f"gram_ms{ms}_t{th}.safetensors"
             if not art.is_file():
-                job = MetaTrainJob(meta=MetaConfig(host="coop", steps=args.steps, seed=ms, host_cfg=dict(host),
-                                                   theta_anchor=args.theta_anchor),
+                job = MetaTrainJob(meta=MetaConfig(host=args.meta_host, unigram=args.unigram, steps=args.steps, seed=ms,
+                                                   host_cfg=dict(host), theta_anchor=args.theta_anchor,
+                                                   **meta_extra),
                                    cmhc=replace(CMHCConfig(), use_faiss=args.kmeans == "faiss"))
                 run_meta_train(job, art, bb=bb, progress=False)
+            torch.set_num_threads(args.tune_threads or th)
             side = json.loads(art.with_suffix(".json").read_text())
             digest = sha256(art)
             r = evaluate(bb, args, work, f"gram_{digest[:12]}", str(art), tune)
@@ -142,7 +161,7 @@ def main() -> None:
             arts.append(r)
             print(f"meta-seed {ms}, {th} thread(s): {r}", flush=True)
             rows.append(row([str(ms), str(th), digest[:12]], r))
-    torch.set_num_threads(args.threads[0])
+    torch.set_num_threads(args.tune_threads or args.threads[0])
     refs = (["default"] if args.with_shipped else []) + list(args.reference)
     references = []
     for ref in refs:
@@ -165,13 +184,17 @@ def main() -> None:
                "within_artifact_std_over_seeds": within}
     cmd = (f"python benchmarks/meta_seed_spread.py --meta-seeds {' '.join(map(str, args.meta_seeds))} --threads "
            f"{' '.join(map(str, args.threads))} --steps {args.steps}"
+           + (f" --tune-threads {args.tune_threads}" if args.tune_threads else "")
            + (f" --epochs {args.epochs}" if args.epochs else "")
            + f" --seeds {' '.join(map(str, args.seeds))} --kmeans {args.kmeans} --name {args.name}"
            + (f" --protocol {args.protocol}" if args.protocol != "base2new" else "")
            + (f" --shots {args.shots}" if args.shots != 16 else "")
            + (" --host-set " + " ".join(f"'{x}'" if " " in x else x for x in args.host_set) if args.host_set else "")
            + (f" --theta-anchor {args.theta_anchor:g}" if args.theta_anchor else "")
-           + (f" --method {args.method}" if args.method != "coop" else "")
+           + (f" --meta-host {args.meta_host}" if args.meta_host != "coop" else "")
+           + (" --unigram" if args.unigram else "")
+           + (" --meta-set " + " ".join(args.meta_set) if args.meta_set else "")
+           + (f" --method {args.method}" if args.method != args.meta_host else "")
            + (" --tune-set" + "".join(f" '{x}'" if " " in x else f" {x}" for x in args.tune_set)
               if args.tune_set is not None else "")
            + (" --with-shipped" if args.with_shipped else "")
@@ -191,17 +214,22 @@ def main() -> None:
                          r["sha256"][:12]], r))
     what = {"base2new": f"Base-to-new {name}{{host}} + GRAM on emoji-nature, {args.shots} shots",
             "dg": f"DG: {name}{{host}} + GRAM trained on emoji-nature ({args.shots} shots), accuracy on its line art",
-            "fewshot": f"Few-shot {name}{{host}} + GRAM on emoji-nature, {args.shots} shots"}[args.protocol]
+            "fewshot": f"Few-shot {name}{{host}} + GRAM on emoji-nature, {args.shots} shots",
+            "xd": f"Cross-dataset: {name}{{host}} + GRAM trained on emoji-nature ({args.shots} shots), mean accuracy "
+                  f"on the six other colour sets ({', '.join(XD_TARGETS)})"}[args.protocol]
     host_txt = (f" ({', '.join(f'{k} = {v!r}' for k, v in tune.items())})" if tune else
                 " (M = 16)" if args.method == "coop" else " (its defaults)")
-    if tune != host:
-        host_txt += (f" with artifacts meta-trained for CoOp ({', '.join(f'{k} = {v!r}' for k, v in host.items())})"
-                     if host else " with artifacts meta-trained for CoOp (M = 16)")
+    meta_name = HOST_NAMES[args.meta_host] + (" + UNIGRAM" if args.unigram else "")
+    if tune != host or args.method != args.meta_host:
+        host_txt += (f" with artifacts meta-trained for {meta_name} ({', '.join(f'{k} = {v!r}' for k, v in host.items())})"
+                     if host else f" with artifacts meta-trained for {meta_name}"
+                     + (" (M = 16)" if args.meta_host == "coop" else ""))
     md = ["# GRAM's spread over meta-training runs\n\n",
           what.format(host=host_txt) + f", downstream seeds {', '.join(map(str, args.seeds))}, {name} "
           f"{'for ' + str(args.epochs) + ' epochs' if args.epochs else 'with its schedule'}"
           f"; each row is one artifact meta-trained for {args.steps} steps ({args.kmeans} k-means"
           + (f", θ anchored to the words with radius {args.theta_anchor:g}" if args.theta_anchor else "")
+          + (f"; {', '.join(args.meta_set)}" if args.meta_set else "")
           + f") with the meta-seed and CPU thread count of its row. Plain {name} with the same seeds: "
           + (f"base {base['base']:.2f}, new {base['new']:.2f}, " if metric == "hm" else "")
           + f"**{head} {base[metric]:.2f}** (per seed: "
