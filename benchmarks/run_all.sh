@@ -649,3 +649,19 @@ wait
 M="small runs/s13_fit/pool1024_noaug/final.safetensors runs/s13_fit/pool1024_aug/final.safetensors"
 $PY benchmarks/scale_optimum.py --models $M --images augmented unaugmented --pool 1024 --by-positives --threads 1 --name scale_optimum_pool
 $PY benchmarks/scale_optimum.py --models $M --images augmented unaugmented --by-positives --threads 1 --name scale_optimum_pool_corpus
+
+# ---- session 14 (docs/pretraining.md and docs/results/gram.md, session 14) ----
+# what the learned scale's value means: the features' geometry beside s*, centred, and an affine-equivalent cone
+OMP_NUM_THREADS=1 $PY benchmarks/scale_geometry.py --models small small-v1 runs/s13_fit/pool1024_noaug/final.safetensors \
+    runs/s13_fit/pool1024_aug/final.safetensors
+# more GRAM cells over meta-training runs: CoOp's cross-dataset cell with session 13's five v3 artifacts (copied)
+W=runs/meta_seed_spread; mkdir -p $W/meta_seed_spread_v3_xd
+cp $W/meta_seed_spread_v3/gram_ms*_t2.safetensors $W/meta_seed_spread_v3/gram_ms*_t2.json $W/meta_seed_spread_v3_xd/
+OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --protocol xd --meta-seeds 0 1 2 3 4 --steps 600 \
+    --tune-threads 1 --seeds 1 2 3 --kmeans faiss --with-shipped --name meta_seed_spread_v3_xd &
+# MaPLe's base-to-new cell (+1.52): its anchored first-order recipe, 180 meta-steps (the table's artifact stopped at its
+# time budget; a step count is reproducible), five meta-seeds
+OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host maple --meta-set second_order=false \
+    --theta-anchor 0.5 --steps 180 --threads 1 --meta-seeds 0 1 2 3 4 --seeds 1 2 3 --kmeans faiss \
+    --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_b2n
+wait
