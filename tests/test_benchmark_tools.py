@@ -73,3 +73,32 @@ def test_scale_optimum_rows_are_the_image_to_text_half_of_the_training_loss():
     assert torch.allclose(0.5 * (rows.mean() + cols.mean()), contrastive_loss(logits, pos))
     # a row with one positive is plain cross-entropy on it
     assert torch.allclose(rows[0], torch.nn.functional.cross_entropy(logits[:1], torch.tensor([0])))
+
+
+def test_scale_geometry_cone_is_an_affine_map_that_leaves_the_loss_unchanged_at_the_rescaled_scale():
+    import torch
+    import torch.nn.functional as F
+
+    from gramvl.pretrain import contrastive_loss, positive_matrix
+
+    spec = importlib.util.spec_from_file_location("scale_geometry", ROOT / "benchmarks" / "scale_geometry.py")
+    sg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sg)
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(img + 0.8 * torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1)
+    pos = positive_matrix(torch.tensor([0, 1, 1, 2, 3, 4, 5, 6]), None, None)
+    a2 = 0.3
+    ci, ct = sg.append_cone(img, a2), sg.append_cone(txt, a2)
+    assert ci.shape == (8, 17) and torch.allclose(ci.norm(dim=1), torch.ones(8, dtype=torch.float64))
+    cos, cos_cone = img @ txt.T, ci @ ct.T
+    assert torch.allclose(cos_cone, a2 * cos + (1 - a2))
+    for s in (5.0, 35.0):
+        assert torch.allclose(contrastive_loss(s / a2 * cos_cone, pos), contrastive_loss(s * cos, pos))
+    # the same features at the unrescaled scale give another loss: the map changes the scale, not the predictions
+    assert not torch.allclose(contrastive_loss(35.0 * cos_cone, pos), contrastive_loss(35.0 * cos, pos))
+    # the participation ratio counts the dimensions a set of features uses
+    flat = torch.zeros(50, 4, dtype=torch.float64)
+    flat[:, 0] = torch.randn(50, generator=g, dtype=torch.float64)
+    assert abs(sg.participation_ratio(flat) - 1.0) < 1e-9
+    assert sg.participation_ratio(torch.randn(4000, 4, generator=g, dtype=torch.float64)) > 3.8
