@@ -2,7 +2,8 @@
 in docs/results/ (no run of its own): base-to-new HM, 1 to 16 shots, cross-dataset and DG on emoji-nature,
 3 seeds each. Each cell is `host -> host + GRAM (difference)`; the sources of every cell are listed under the
 table. Two tables: sessions 1-6 on small-v1 (docs/results/gram_summary.{json,md}) and the current `small`
-(sessions 8-12, docs/results/gram_summary_v3.{json,md}).
+(sessions 8-12, docs/results/gram_summary_v3.{json,md}). The v3 table also lists the cells checked over
+several meta-training runs (META_CHECKS_V3, from benchmarks/meta_seed_spread.py's result files).
 
     python benchmarks/gram_summary.py            # both
     python benchmarks/gram_summary.py --only v3
@@ -108,6 +109,18 @@ SOURCES_V3 = {
         "dg": (("dg_unigram_gram_v3", "ivlp"), ("dg_unigram_gram_v3", "ivlp + GRAM"))}),
 }
 # which -> (sources, model, output name, what the anchors were)
+# cells of the v3 table checked over several meta-training runs (benchmarks/meta_seed_spread.py, sessions 13-14):
+# (host, column) -> the meta_seed_spread result file; missing files are skipped
+META_CHECKS_V3 = {
+    ("CoOp (M = 16, random init)", "hm"): "meta_seed_spread_v3",
+    **{("CoOp (M = 16, random init)", k): f"meta_seed_spread_v3_{k}shot" for k in ("1", "2", "4", "8", "16")},
+    ("CoOp (M = 16, random init)", "xd"): "meta_seed_spread_v3_xd",
+    ("CoOp (M = 4, 'a photo of a')", "dg"): "meta_seed_spread_coop4_dg",
+    ("CoCoOp", "dg"): "meta_seed_spread_cocoop_dg",
+    ("MaPLe", "hm"): "meta_seed_spread_maple_b2n",
+    ("IVLP + UNIGRAM", "8"): "meta_seed_spread_unigram_8shot",
+}
+
 TABLES = {
     "v1": (SOURCES_V1, "small-v1, sessions 1-6", "gram_summary",
            "Word-initialised hosts use θ* anchored to the words (`meta.theta_anchor=0.5`, session 5)."),
@@ -151,9 +164,30 @@ def collect(sources: dict) -> dict:
     return out
 
 
+def meta_checks(table: dict, checks: dict) -> list[list[str]]:
+    """One row per checked cell: the table's single-artifact difference beside the spread over meta-training runs."""
+    rows = []
+    for (host, col), file in checks.items():
+        path = RES / f"{file}.json"
+        cell = table.get(host, {}).get("cells", {}).get(col)
+        if not path.is_file() or cell is None:
+            continue
+        rec = json.loads(path.read_text())
+        metric = "hm" if col == "hm" else "accuracy"
+        sm = rec["summary"]
+        plain = sm[f"{rec.get('method', 'coop')}_{metric}"]
+        gains = sorted(a[metric] - plain for a in rec["gram"])
+        rows.append([host, HEAD[col], f"{cell['diff']:+.2f}", str(sm["artifacts"]),
+                     f"{sm[f'{metric}_mean']:.2f} ± {sm[f'{metric}_std_over_artifacts']:.2f}", f"{plain:.2f}",
+                     f"**{sm['gain_mean']:+.2f}** ({gains[0]:+.2f} to {gains[-1]:+.2f})",
+                     f"{sm['artifacts_over_coop']} of {sm['artifacts']}", f"`{file}`"])
+    return rows
+
+
 def write_summary(which: str) -> None:
     sources_by_host, model, name, anchors = TABLES[which]
     table = collect(sources_by_host)
+    checks = meta_checks(table, META_CHECKS_V3) if which == "v3" else []
     rows, wins = [], []
     for host, t in table.items():
         cells = t["cells"]
@@ -179,6 +213,13 @@ def write_summary(which: str) -> None:
         "'-' where no run exists. " + anchors + " The artifact of each row is named in the second table.\n\n",
         markdown_table(["host", *[HEAD[c] for c in COLUMNS]], rows),
         "\n", markdown_table(["host", "GRAM artifact", "cells where host + GRAM >= host"], wins),
+        *(["\nCells checked over several meta-training runs (`benchmarks/meta_seed_spread.py`): each artifact of a "
+           "row is the cell's recipe meta-trained with another meta-seed, evaluated with the same downstream seeds "
+           "1-3. The ± of the first table covers the downstream seeds of one artifact only; this one is over the "
+           "artifacts (each a mean over the seeds).\n\n",
+           markdown_table(["host", "cell", "table: GRAM - host", "artifacts", "host + GRAM over the artifacts",
+                           "host", "GRAM - host: mean (min to max)", "artifacts over the host", "file"], checks)]
+          if checks else []),
         "\nSources (file: row):\n\n", *sources]
     write_json(RES / f"{name}.json", table)
     write_text(RES / f"{name}.md", "".join(text))
