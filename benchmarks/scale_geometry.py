@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scale_optimum import SCALES, refine_minimum  # the same grid and minimum as scale_optimum.py
 
 from gramvl.backbone import load_backbone
 from gramvl.engine.results import markdown_table, versions
@@ -36,7 +37,6 @@ from gramvl.io import write_json, write_text
 from gramvl.pretrain import Corpus, PretrainConfig, contrastive_loss
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
-SCALES = np.exp(np.linspace(math.log(5.0), math.log(1000.0), 107))  # 5 .. 1000, log-spaced (as scale_optimum.py)
 
 
 @torch.no_grad()
@@ -55,15 +55,6 @@ def participation_ratio(x: torch.Tensor) -> float:
     """Effective number of dimensions: (sum of covariance eigenvalues)^2 / sum of their squares."""
     ev = torch.linalg.eigvalsh(torch.cov(x.double().T)).clamp(min=0)
     return float(ev.sum() ** 2 / (ev ** 2).sum())
-
-
-def refine_minimum(curve: np.ndarray) -> float:
-    """The loss minimum between grid points (parabola in log s through the grid minimum and its neighbours)."""
-    i = int(np.argmin(curve))
-    if i in (0, len(curve) - 1):
-        return float(SCALES[i])
-    a, b, _ = np.polyfit(np.log(SCALES[i - 1:i + 2]), curve[i - 1:i + 2], 2)
-    return float(math.exp(-b / (2 * a)))
 
 
 def append_cone(x: torch.Tensor, a2: float) -> torch.Tensor:

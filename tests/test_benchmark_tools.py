@@ -75,12 +75,13 @@ def test_scale_optimum_rows_are_the_image_to_text_half_of_the_training_loss():
     assert torch.allclose(rows[0], torch.nn.functional.cross_entropy(logits[:1], torch.tensor([0])))
 
 
-def test_scale_geometry_cone_is_an_affine_map_that_leaves_the_loss_unchanged_at_the_rescaled_scale():
+def test_scale_geometry_cone_is_an_affine_map_that_leaves_the_loss_unchanged_at_the_rescaled_scale(monkeypatch):
     import torch
     import torch.nn.functional as F
 
     from gramvl.pretrain import contrastive_loss, positive_matrix
 
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports scale_optimum, as a script run there does
     spec = importlib.util.spec_from_file_location("scale_geometry", ROOT / "benchmarks" / "scale_geometry.py")
     sg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sg)
