@@ -129,6 +129,9 @@ def main() -> None:
     meta_extra = parse_host_opts(args.meta_set)
     if unknown := set(meta_extra) - set(MetaConfig.__dataclass_fields__):
         raise SystemExit(f"--meta-set: unknown MetaConfig field(s) {sorted(unknown)}")
+    if own := set(meta_extra) & {"host", "unigram", "steps", "seed", "host_cfg", "theta_anchor"}:
+        raise SystemExit(f"--meta-set: {sorted(own)} have their own options (--meta-host, --unigram, --steps, "
+                         "--meta-seeds, --host-set, --theta-anchor)")
     work = Path(args.work) / args.name
     bb = load_backbone("small")
     torch.set_num_threads(args.tune_threads or args.threads[0])

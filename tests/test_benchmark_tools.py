@@ -103,3 +103,14 @@ def test_scale_geometry_cone_is_an_affine_map_that_leaves_the_loss_unchanged_at_
     flat[:, 0] = torch.randn(50, generator=g, dtype=torch.float64)
     assert abs(sg.participation_ratio(flat) - 1.0) < 1e-9
     assert sg.participation_ratio(torch.randn(4000, 4, generator=g, dtype=torch.float64)) > 3.8
+
+
+@pytest.mark.parametrize("item, message", [("no_such_field=1", "unknown MetaConfig field"),
+                                           ("steps=5", "have their own options")])
+def test_meta_seed_spread_refuses_a_meta_set_it_cannot_apply(item, message):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "meta_seed_spread.py"), "--meta-set", item],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and message in out.stderr
