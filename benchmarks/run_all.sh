@@ -665,3 +665,34 @@ OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --m
     --theta-anchor 0.5 --steps 180 --threads 1 --meta-seeds 0 1 2 3 4 --seeds 1 2 3 --kmeans faiss \
     --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_b2n
 wait
+# MaPLe's 1-shot cell from the same five MaPLe artifacts (copied)
+mkdir -p $W/meta_seed_spread_maple_1shot
+cp $W/meta_seed_spread_maple_b2n/gram_ms*_t1.safetensors $W/meta_seed_spread_maple_b2n/gram_ms*_t1.json $W/meta_seed_spread_maple_1shot/
+OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host maple --meta-set second_order=false \
+    --theta-anchor 0.5 --steps 180 --threads 1 --meta-seeds 0 1 2 3 4 --seeds 1 2 3 --kmeans faiss --protocol fewshot --shots 1 \
+    --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_1shot
+# IVLP + UNIGRAM's 8-shot cell (+2.22): session 11's recipe (first order, anchored 0.5) for 270 meta-steps, three meta-seeds
+OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host ivlp --unigram --meta-set second_order=false \
+    --theta-anchor 0.5 --steps 270 --threads 1 --meta-seeds 0 1 2 --protocol fewshot --shots 8 --seeds 1 2 3 --kmeans faiss \
+    --reference runs/gram11/unigram_anchor05.safetensors --name meta_seed_spread_unigram_8shot &
+# CoOp M = 4's base-to-new and 1-shot cells, then CoCoOp's, from session 13's five anchored M = 4 artifacts (copied)
+for n in coop4_b2n coop4_1shot cocoop_b2n cocoop_1shot; do
+  mkdir -p $W/meta_seed_spread_$n
+  cp $W/meta_seed_spread_coop4_dg/gram_ms*_t1.safetensors $W/meta_seed_spread_coop4_dg/gram_ms*_t1.json $W/meta_seed_spread_$n/
+done
+m4() { OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --host-set n_ctx=4 'ctx_init=a photo of a' \
+  --theta-anchor 0.25 --meta-seeds 0 1 2 3 4 --threads 1 --steps 600 --seeds 1 2 3 --kmeans faiss \
+  --reference runs/gram10/m4_anchor025.safetensors "$@"; }
+m4 --protocol fewshot --shots 1 --name meta_seed_spread_coop4_1shot
+m4 --name meta_seed_spread_coop4_b2n
+m4 --method cocoop --tune-set --protocol fewshot --shots 1 --name meta_seed_spread_cocoop_1shot
+m4 --method cocoop --tune-set --name meta_seed_spread_cocoop_b2n
+# VPT's 1-shot and base-to-new cells: its first-order recipe for 170 meta-steps, three meta-seeds
+vpt() { OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host vpt --meta-set second_order=false \
+  --steps 170 --threads 1 --meta-seeds 0 1 2 --seeds 1 2 3 --kmeans faiss --reference runs/gram11/vpt.safetensors "$@"; }
+vpt --protocol fewshot --shots 1 --name meta_seed_spread_vpt_1shot
+mkdir -p $W/meta_seed_spread_vpt_b2n
+cp $W/meta_seed_spread_vpt_1shot/gram_ms*_t1.safetensors $W/meta_seed_spread_vpt_1shot/gram_ms*_t1.json $W/meta_seed_spread_vpt_b2n/
+vpt --name meta_seed_spread_vpt_b2n
+wait
+$PY benchmarks/gram_summary.py --only v3
