@@ -121,7 +121,10 @@ META_CHECKS_V3 = {
     ("CoCoOp", "hm"): "meta_seed_spread_cocoop_b2n",
     ("CoCoOp", "1"): "meta_seed_spread_cocoop_1shot",
     ("CoCoOp", "dg"): "meta_seed_spread_cocoop_dg",
+    ("VPT (shallow, 8 tokens)", "hm"): "meta_seed_spread_vpt_b2n",
+    ("VPT (shallow, 8 tokens)", "1"): "meta_seed_spread_vpt_1shot",
     ("MaPLe", "hm"): "meta_seed_spread_maple_b2n",
+    ("MaPLe", "1"): "meta_seed_spread_maple_1shot",
     ("IVLP + UNIGRAM", "8"): "meta_seed_spread_unigram_8shot",
 }
 
