@@ -125,6 +125,9 @@ META_CHECKS_V3 = {
     ("VPT (shallow, 8 tokens)", "1"): "meta_seed_spread_vpt_1shot",
     ("MaPLe", "hm"): "meta_seed_spread_maple_b2n",
     ("MaPLe", "1"): "meta_seed_spread_maple_1shot",
+    ("MaPLe", "2"): "meta_seed_spread_maple_2shot",
+    ("IVLP + UNIGRAM", "hm"): "meta_seed_spread_unigram_b2n",
+    ("IVLP + UNIGRAM", "1"): "meta_seed_spread_unigram_1shot",
     ("IVLP + UNIGRAM", "8"): "meta_seed_spread_unigram_8shot",
 }
 

@@ -695,4 +695,19 @@ mkdir -p $W/meta_seed_spread_vpt_b2n
 cp $W/meta_seed_spread_vpt_1shot/gram_ms*_t1.safetensors $W/meta_seed_spread_vpt_1shot/gram_ms*_t1.json $W/meta_seed_spread_vpt_b2n/
 vpt --name meta_seed_spread_vpt_b2n
 wait
+# IVLP + UNIGRAM's 1-shot and base-to-new cells from its three artifacts, MaPLe's 2-shot cell from its five (copied)
+for n in unigram_1shot unigram_b2n; do
+  mkdir -p $W/meta_seed_spread_$n
+  cp $W/meta_seed_spread_unigram_8shot/gram_ms*_t1.safetensors $W/meta_seed_spread_unigram_8shot/gram_ms*_t1.json $W/meta_seed_spread_$n/
+done
+mkdir -p $W/meta_seed_spread_maple_2shot
+cp $W/meta_seed_spread_maple_b2n/gram_ms*_t1.safetensors $W/meta_seed_spread_maple_b2n/gram_ms*_t1.json $W/meta_seed_spread_maple_2shot/
+ug() { OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host ivlp --unigram --meta-set second_order=false \
+  --theta-anchor 0.5 --steps 270 --threads 1 --meta-seeds 0 1 2 --seeds 1 2 3 --kmeans faiss \
+  --reference runs/gram11/unigram_anchor05.safetensors "$@"; }
+(ug --protocol fewshot --shots 1 --name meta_seed_spread_unigram_1shot; ug --name meta_seed_spread_unigram_b2n) &
+OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host maple --meta-set second_order=false \
+    --theta-anchor 0.5 --steps 180 --threads 1 --meta-seeds 0 1 2 3 4 --seeds 1 2 3 --kmeans faiss --protocol fewshot --shots 2 \
+    --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_2shot
+wait
 $PY benchmarks/gram_summary.py --only v3
