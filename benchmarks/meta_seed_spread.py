@@ -223,7 +223,7 @@ def main() -> None:
     host_txt = (f" ({', '.join(f'{k} = {v!r}' for k, v in tune.items())})" if tune else
                 " (M = 16)" if args.method == "coop" else " (its defaults)")
     meta_name = HOST_NAMES[args.meta_host] + (" + UNIGRAM" if args.unigram else "")
-    if tune != host or args.method != args.meta_host:
+    if tune != host or args.method != args.meta_host or args.unigram:
         host_txt += (f" with artifacts meta-trained for {meta_name} ({', '.join(f'{k} = {v!r}' for k, v in host.items())})"
                      if host else f" with artifacts meta-trained for {meta_name}"
                      + (" (M = 16)" if args.meta_host == "coop" else ""))
