@@ -117,6 +117,7 @@ META_CHECKS_V3 = {
     ("CoOp (M = 16, random init)", "xd"): "meta_seed_spread_v3_xd",
     ("CoOp (M = 4, 'a photo of a')", "hm"): "meta_seed_spread_coop4_b2n",
     ("CoOp (M = 4, 'a photo of a')", "1"): "meta_seed_spread_coop4_1shot",
+    **{("CoOp (M = 4, 'a photo of a')", k): f"meta_seed_spread_coop4_{k}shot" for k in ("2", "4", "8", "16")},
     ("CoOp (M = 4, 'a photo of a')", "dg"): "meta_seed_spread_coop4_dg",
     ("CoCoOp", "hm"): "meta_seed_spread_cocoop_b2n",
     ("CoCoOp", "1"): "meta_seed_spread_cocoop_1shot",

@@ -710,4 +710,12 @@ OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --m
     --theta-anchor 0.5 --steps 180 --threads 1 --meta-seeds 0 1 2 3 4 --seeds 1 2 3 --kmeans faiss --protocol fewshot --shots 2 \
     --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_2shot
 wait
+# CoOp M = 4's few-shot curve (2-16 shots) from its five anchored artifacts (copied; the curve table's artifact is meta-seed 0's)
+for k in 2 4 8 16; do
+  mkdir -p $W/meta_seed_spread_coop4_${k}shot
+  cp $W/meta_seed_spread_coop4_dg/gram_ms*_t1.safetensors $W/meta_seed_spread_coop4_dg/gram_ms*_t1.json $W/meta_seed_spread_coop4_${k}shot/
+done
+(for k in 2 16; do m4 --protocol fewshot --shots $k --name meta_seed_spread_coop4_${k}shot; done) &
+for k in 4 8; do m4 --protocol fewshot --shots $k --name meta_seed_spread_coop4_${k}shot; done
+wait
 $PY benchmarks/gram_summary.py --only v3
