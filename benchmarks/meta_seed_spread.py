@@ -126,10 +126,13 @@ def main() -> None:
     host = parse_host_opts(args.host_set)
     tune = host if args.tune_set is None else parse_host_opts(args.tune_set)
     name = HOST_NAMES.get(args.method, args.method)
+    # the MetaConfig fields this script's own options set (the seed comes from --meta-seeds)
+    meta_fixed = dict(host=args.meta_host, unigram=args.unigram, steps=args.steps, host_cfg=dict(host),
+                      theta_anchor=args.theta_anchor)
     meta_extra = parse_host_opts(args.meta_set)
     if unknown := set(meta_extra) - set(MetaConfig.__dataclass_fields__):
         raise SystemExit(f"--meta-set: unknown MetaConfig field(s) {sorted(unknown)}")
-    if own := set(meta_extra) & {"host", "unigram", "steps", "seed", "host_cfg", "theta_anchor"}:
+    if own := set(meta_extra) & (set(meta_fixed) | {"seed"}):
         raise SystemExit(f"--meta-set: {sorted(own)} have their own options (--meta-host, --unigram, --steps, "
                          "--meta-seeds, --host-set, --theta-anchor)")
     work = Path(args.work) / args.name
@@ -149,9 +152,7 @@ def main() -> None:
             torch.set_num_threads(th)
             art = work / f"gram_ms{ms}_t{th}.safetensors"
             if not art.is_file():
-                job = MetaTrainJob(meta=MetaConfig(host=args.meta_host, unigram=args.unigram, steps=args.steps, seed=ms,
-                                                   host_cfg=dict(host), theta_anchor=args.theta_anchor,
-                                                   **meta_extra),
+                job = MetaTrainJob(meta=MetaConfig(**meta_fixed, seed=ms, **meta_extra),
                                    cmhc=replace(CMHCConfig(), use_faiss=args.kmeans == "faiss"))
                 run_meta_train(job, art, bb=bb, progress=False)
             torch.set_num_threads(args.tune_threads or th)
