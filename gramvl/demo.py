@@ -68,6 +68,8 @@ def gram_demo(bb, out: Path, quick: bool = False) -> None:
     # the same artifact on one machine and thread count), with a time cap only as a guard against very slow machines
     steps, cap = (60, 120) if quick else (300, 900)
     print(f"\nMeta-training GRAM for CoOp on the embedded meta-training corpus ({steps} meta-steps)...")
+    for f in out.glob("gram_coop.*"):  # the demo's own scratch: a finished checkpoint would be resumed, not re-run
+        f.unlink()
     art = run_meta_train(MetaTrainJob(meta=MetaConfig(host="coop", steps=steps, time_budget_s=cap)),
                          out / "gram_coop.safetensors", bb=bb)
     done = json.loads(art.with_suffix(".json").read_text())

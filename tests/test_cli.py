@@ -178,3 +178,75 @@ def test_zeroshot_loss_is_the_cross_entropy_of_the_models_scaled_logits(tmp_path
     assert m["uniform_loss"] == pytest.approx(math.log(2))
     # a different scale gives a different loss: the metric does use the model's own scale
     assert abs(float(torch.nn.functional.cross_entropy(2 * scale * feats @ w.T, labels)) - m["loss"]) > 1e-6
+
+
+def test_cached_features_are_encoded_on_one_thread_whatever_the_runs_thread_count(tmp_path, small_random_backbone,
+                                                                                   monkeypatch):
+    """A cache outlives the run that filled it, so its bytes must not depend on that run's thread count (float
+    sums do): feature caches are filled on GRAMVL_CACHE_THREADS threads (default 1), and the run's own count is
+    restored afterwards. GRAMVL_CACHE_THREADS=0 keeps the run's count; a bad value is an error naming it."""
+    from gramvl.data.features import image_features
+    from gramvl.data.registry import get_dataset
+    from gramvl.errors import GramvlError
+    from gramvl.gram.corpus import encode_corpus
+
+    monkeypatch.setenv("GRAMVL_HOME", str(tmp_path / "home"))
+    bb = small_random_backbone
+    ds = get_dataset(f"folder:{make_folder(tmp_path / 'ds')}", "test")
+    pairs = [{"image": p, "caption": f"a picture of {c}"} for p, c in
+             ((p, ds.classnames[y]) for p, y in ds.samples)]
+    seen = []
+    encode_image = bb.encode_image
+
+    def spy(x):
+        seen.append(torch.get_num_threads())
+        return encode_image(x)
+
+    monkeypatch.setattr(bb, "encode_image", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        f2, _ = image_features(bb, ds, progress=False, cache=True)
+        encode_corpus(bb, pairs, progress=False, workers=0)
+        image_features(bb, ds, train_views=2, seed=1, progress=False, cache=False)
+        assert len(seen) >= 4 and set(seen) == {1}, seen
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        f1, _ = image_features(bb, ds, progress=False, cache=False)
+        assert torch.equal(f1, f2)  # a run on one thread gets the bytes a two-thread run cached
+
+        seen.clear()
+        monkeypatch.setenv("GRAMVL_CACHE_THREADS", "0")
+        torch.set_num_threads(2)
+        image_features(bb, ds, progress=False, cache=False)
+        assert seen and set(seen) == {2}
+        for bad in ("two", "-1"):
+            monkeypatch.setenv("GRAMVL_CACHE_THREADS", bad)
+            with pytest.raises(GramvlError, match="GRAMVL_CACHE_THREADS"):
+                image_features(bb, ds, progress=False, cache=False)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_demo_meta_trains_afresh_instead_of_resuming_an_earlier_demos_checkpoint(tmp_path, monkeypatch):
+    """A finished meta-training checkpoint is resumed at its last step (nothing re-run) when its data match, so
+    the demo clears its own scratch artifact first: its 'meta-trained now' row is always meta-trained now."""
+    import gramvl.gram.pipeline as pipeline
+    from gramvl.demo import gram_demo
+
+    for name in ("gram_coop.ckpt.safetensors", "gram_coop.ckpt.json", "gram_coop.safetensors", "gram_coop.json"):
+        (tmp_path / name).write_text("from an earlier demo")
+    (tmp_path / "zeroshot.md").write_text("kept")
+
+    class Reached(Exception):
+        pass
+
+    def fake_meta_train(job, out, bb=None):
+        assert not list(tmp_path.glob("gram_coop.*")), "an earlier demo's artifact or checkpoint is still there"
+        raise Reached
+
+    monkeypatch.setattr(pipeline, "run_meta_train", fake_meta_train)
+    with pytest.raises(Reached):
+        gram_demo(None, tmp_path, quick=True)
+    assert (tmp_path / "zeroshot.md").read_text() == "kept"

@@ -22,7 +22,7 @@ import torch
 
 from gramvl.errors import GramvlError
 from gramvl.io import write_json
-from gramvl.paths import cache_dir
+from gramvl.paths import cache_dir, cache_fill, cache_fill_tag
 
 if TYPE_CHECKING:
     from gramvl.backbone import Backbone
@@ -153,10 +153,11 @@ class _atomic_npy:
                 os.unlink(self.tmp)
 
 
-def corpus_key(ident: str, pairs: Sequence[dict]) -> str:
-    """Cache key of a corpus: the backbone ident plus a hash of every (image path, caption)."""
+def corpus_key(ident: str, pairs: Sequence[dict], fill: str = "") -> str:
+    """Cache key of a corpus: the backbone ident, how it is encoded (`cache_fill_tag`) and a hash of every
+    (image path, caption)."""
     h = hashlib.sha256()
-    h.update(f"{CORPUS_FORMAT}\n{ident}\n{len(pairs)}\n".encode())
+    h.update(f"{CORPUS_FORMAT}\n{ident}\n{len(pairs)}\n{fill}\n".encode())
     for p in pairs:
         h.update(f"{p['image']}\t{p['caption']}\n".encode())
     return h.hexdigest()[:24]
@@ -186,7 +187,7 @@ def encode_corpus(bb: Backbone, pairs: Sequence[dict], batch_size: int = 256, ca
     bad = [p for p in pairs[:1000] if "image" not in p or "caption" not in p]
     if bad:
         raise GramvlError(f"corpus pairs need 'image' and 'caption' keys; got {sorted(bad[0])}")
-    key = corpus_key(bb.ident, pairs)
+    key = corpus_key(bb.ident, pairs, cache_fill_tag(bb.device))
     folder = cache_dir("corpus") / key
     if cache and (folder / "corpus.json").is_file():
         try:
@@ -201,7 +202,8 @@ def encode_corpus(bb: Backbone, pairs: Sequence[dict], batch_size: int = 256, ca
     target.mkdir(parents=True, exist_ok=True)
     loader = torch.utils.data.DataLoader(_PairImages(paths, bb.transform(False)), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
-    with _atomic_npy(target / "zI.npy", (n, d)) as zI, _atomic_npy(target / "zT.npy", (n, d)) as zT:
+    with (cache_fill(bb.device), _atomic_npy(target / "zI.npy", (n, d)) as zI,
+          _atomic_npy(target / "zT.npy", (n, d)) as zT):
         s = 0
         for x in tqdm(loader, desc="encode corpus", disable=not progress, leave=False, mininterval=2):
             e = s + x.shape[0]

@@ -34,7 +34,7 @@ from gramvl.gram.meta import ARTIFACT_FORMAT, anchor_text_rows, outer_update, to
 from gramvl.gram.regulator import RegulatorSet
 from gramvl.gram.tasks import TaskConfig
 from gramvl.io import save_tensors, write_json
-from gramvl.paths import cache_dir
+from gramvl.paths import cache_dir, cache_fill, cache_fill_tag
 from gramvl.tta.structure import PROTOTYPE_MODES, StructureContext, StructuredRegulator
 from gramvl.tta.tpt import (
     HAND_PROMPT,
@@ -132,7 +132,7 @@ class ViewFeatureCache:
         self.bb, self.paths, self.views, self.seed, self.batch_size = bb, list(paths), views, seed, batch_size
         self.augment = ViewAugmenter(bb, views, augmix, tuple(crop_scale))
         n, d = len(paths), bb.embed_dim
-        recipe = [bb.ident, views, list(crop_scale), augmix, seed, bb.image_size]
+        recipe = [bb.ident, views, list(crop_scale), augmix, seed, bb.image_size, cache_fill_tag(bb.device)]
         h = hashlib.sha256(json.dumps(recipe).encode())
         for p in self.paths:
             h.update(f"{p}\n".encode())
@@ -170,7 +170,8 @@ class ViewFeatureCache:
             views = torch.stack([self.augment(load_image(self.paths[i]), sample_generator(self.seed, int(i)))
                                  for i in part])
             flat = views.flatten(0, 1).to(self.bb.device, self.bb.dtype)
-            f = self.bb.encode_image(flat).float().cpu().view(len(part), self.views, -1)
+            with cache_fill(self.bb.device):  # the same bytes whatever thread count the run uses
+                f = self.bb.encode_image(flat).float().cpu().view(len(part), self.views, -1)
             self.feats[part] = f.numpy().astype(np.float16)
             self.done[part] = True
         if len(todo) and self.folder is not None:
