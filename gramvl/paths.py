@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
-from gramvl.errors import GramvlError
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def gramvl_home() -> Path:
@@ -32,49 +35,42 @@ def assets_dir() -> Path:
     return Path(__file__).resolve().parent / "assets"
 
 
-def cache_fill_threads() -> int:
-    """CPU threads for encoding what a cache keeps: $GRAMVL_CACHE_THREADS, default 1 (0: the run's own count)."""
-    raw = os.environ.get("GRAMVL_CACHE_THREADS", "1").strip()
-    try:
-        n = int(raw)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise GramvlError(f"GRAMVL_CACHE_THREADS must be a whole number >= 0 (0: the run's own thread count), "
-                          f"not {raw!r}")
-    return n
-
-
 def cache_fill_tag(device) -> str:
-    """What a cache key records of how its features were encoded: the device type, and on the CPU the fill's
-    thread count (caches filled before this tag existed, at whatever thread count, are never served)."""
+    """What a cache key records of how its features were encoded (`cache_fill_map`): 'cpu-threads-1' on the CPU,
+    else the device type. Caches filled before session 15, at whatever thread count, lack it and are never served."""
     import torch
 
     kind = torch.device(device).type
-    if kind != "cpu":
-        return kind
-    return f"cpu-threads-{cache_fill_threads() or torch.get_num_threads()}"
+    return "cpu-threads-1" if kind == "cpu" else kind
 
 
-@contextmanager
-def cache_fill(device) -> Iterator[None]:
-    """Encode features that a cache keeps on a fixed number of CPU threads (`cache_fill_threads`, default 1).
+def cache_fill_map(fn: Callable[[T], R], items: Iterable[T], device) -> Iterator[R]:
+    """fn(item) for every item, in order, the way features that a cache keeps are encoded.
 
-    Float sums depend on the thread count in the last bit (the small CLIP's image features at 1 and 2 threads
-    differ in half the rows by up to 1.2e-7), and a cache outlives the run that filled it. Without this a run's
-    result would depend on which earlier run filled the cache: the same command on one machine gave the demo's
-    GRAM row 12.07 with a cache filled at 2 threads and 18.55 with one filled at 1. With it, the cached bytes
-    are the same whatever thread count the runs use, and a result depends only on the run's own thread count.
-    The encoders use the same count whether or not the cache is on. No effect off the CPU."""
+    Float sums depend on the thread count in the last bit (the small CLIP's image features of emoji-nature's test
+    split differ in 555 of 1,140 rows, by up to 1.2e-7, between 1 and 2 threads), and a cache outlives the run
+    that filled it: before session 15 a result depended on which earlier run had filled the cache (the demo's
+    GRAM row read 12.07 on a fresh cache and 18.55 on an older one, both at 2 threads). So on the CPU every call
+    runs on one intra-op thread, which gives the same bytes whatever thread count the run uses, and the run's
+    threads are used by running that many calls at once instead (items are drawn in the calling thread, in
+    order). It is also faster than one batch after another on the run's intra-op threads, which it replaces
+    (`benchmarks/cache_fill.py`, docs/results/cache_fill.md). Off the CPU: a plain map. The run's thread count
+    is restored afterwards."""
     import torch
 
-    n = cache_fill_threads()
-    if n == 0 or torch.device(device).type != "cpu":
-        yield
+    if torch.device(device).type != "cpu":
+        yield from map(fn, items)
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    workers = max(1, torch.get_num_threads())
+    torch.set_num_threads(1)
     try:
-        yield
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            pending: deque = deque()
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(workers)

@@ -183,18 +183,16 @@ def test_zeroshot_loss_is_the_cross_entropy_of_the_models_scaled_logits(tmp_path
 def test_cached_features_are_encoded_on_one_thread_whatever_the_runs_thread_count(tmp_path, small_random_backbone,
                                                                                    monkeypatch):
     """A cache outlives the run that filled it, so its bytes must not depend on that run's thread count (float
-    sums do): feature caches are filled on GRAMVL_CACHE_THREADS threads (default 1), and the run's own count is
-    restored afterwards. GRAMVL_CACHE_THREADS=0 keeps the run's count; a bad value is an error naming it."""
+    sums do): every batch of features that a cache keeps is encoded on one intra-op thread, the run's threads
+    encoding that many batches at once, and the run's own count is restored afterwards."""
     from gramvl.data.features import image_features
     from gramvl.data.registry import get_dataset
-    from gramvl.errors import GramvlError
     from gramvl.gram.corpus import encode_corpus
 
     monkeypatch.setenv("GRAMVL_HOME", str(tmp_path / "home"))
     bb = small_random_backbone
-    ds = get_dataset(f"folder:{make_folder(tmp_path / 'ds')}", "test")
-    pairs = [{"image": p, "caption": f"a picture of {c}"} for p, c in
-             ((p, ds.classnames[y]) for p, y in ds.samples)]
+    ds = get_dataset(f"folder:{make_folder(tmp_path / 'ds', per=5)}", "test")
+    pairs = [{"image": p, "caption": f"a picture of {ds.classnames[y]}"} for p, y in ds.samples]
     seen = []
     encode_image = bb.encode_image
 
@@ -205,26 +203,49 @@ def test_cached_features_are_encoded_on_one_thread_whatever_the_runs_thread_coun
     monkeypatch.setattr(bb, "encode_image", spy)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        f2, _ = image_features(bb, ds, progress=False, cache=True)
-        encode_corpus(bb, pairs, progress=False, workers=0)
-        image_features(bb, ds, train_views=2, seed=1, progress=False, cache=False)
-        assert len(seen) >= 4 and set(seen) == {1}, seen
-        assert torch.get_num_threads() == 2
-        torch.set_num_threads(1)
-        f1, _ = image_features(bb, ds, progress=False, cache=False)
-        assert torch.equal(f1, f2)  # a run on one thread gets the bytes a two-thread run cached
+        out = {}
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            out[threads] = (image_features(bb, ds, batch_size=3, progress=False, cache=False)[0],
+                            image_features(bb, ds, train_views=2, seed=1, batch_size=3, progress=False,
+                                           cache=False)[0],
+                            np.asarray(encode_corpus(bb, pairs, batch_size=3, cache=False, progress=False,
+                                                     workers=0).zI))
+            assert torch.get_num_threads() == threads
+        assert len(seen) >= 20 and set(seen) == {1}, seen
+        assert torch.equal(out[1][0], out[2][0]) and torch.equal(out[1][1], out[2][1])
+        assert np.array_equal(out[1][2], out[2][2])
+    finally:
+        torch.set_num_threads(before)
 
-        seen.clear()
-        monkeypatch.setenv("GRAMVL_CACHE_THREADS", "0")
+
+def test_cache_fill_map_keeps_order_raises_and_restores_the_thread_count():
+    import random
+    import time
+
+    from gramvl.paths import cache_fill_map
+
+    before = torch.get_num_threads()
+    try:
         torch.set_num_threads(2)
-        image_features(bb, ds, progress=False, cache=False)
-        assert seen and set(seen) == {2}
-        for bad in ("two", "-1"):
-            monkeypatch.setenv("GRAMVL_CACHE_THREADS", bad)
-            with pytest.raises(GramvlError, match="GRAMVL_CACHE_THREADS"):
-                image_features(bb, ds, progress=False, cache=False)
-            assert torch.get_num_threads() == 2
+
+        def slow_square(i):
+            time.sleep(random.random() * 0.01)
+            return i * i, torch.get_num_threads()
+
+        got = list(cache_fill_map(slow_square, range(20), "cpu"))
+        assert [r for r, _ in got] == [i * i for i in range(20)] and {t for _, t in got} == {1}
+        assert torch.get_num_threads() == 2
+
+        def boom(i):
+            if i == 5:
+                raise ValueError("bad item 5")
+            return i
+
+        with pytest.raises(ValueError, match="bad item 5"):
+            list(cache_fill_map(boom, range(10), "cpu"))
+        assert torch.get_num_threads() == 2
+        assert list(cache_fill_map(str, [1, 2], "meta")) == ["1", "2"]  # off the CPU: a plain map
     finally:
         torch.set_num_threads(before)
 

@@ -21,7 +21,7 @@ from gramvl import dist
 from gramvl.backbone import Backbone
 from gramvl.data.base import ImageDataset
 from gramvl.io import load_tensors, save_tensors
-from gramvl.paths import cache_dir, cache_fill, cache_fill_tag
+from gramvl.paths import cache_dir, cache_fill_map, cache_fill_tag
 
 
 def _key(bb: Backbone, ds: ImageDataset, transform_desc: str, views: int, seed: int) -> str:
@@ -68,30 +68,30 @@ def _image_features(bb, ds, train_views, seed, batch_size, workers, cache, progr
         return cached
     bb.eval()
     labels = torch.tensor(ds.labels, dtype=torch.long)
-    with cache_fill(bb.device):  # the same bytes whatever thread count the run uses
-        if not train_views:
-            data = ds.with_transform(bb.transform(False))
-            if sharded:
-                data = torch.utils.data.Subset(data, range(*dist.shard(len(ds))))
-            feats = []
-            for x, _ in tqdm(_loader(data, batch_size, workers), desc=f"features {ds.key}", disable=not progress,
-                             leave=False):
-                feats.append(bb.encode_image(x.to(bb.device)).float().cpu())
-            out = torch.cat(feats) if feats else torch.zeros(0, bb.embed_dim)
-            if sharded:
-                out = dist.gather_rows(out)
-        else:
-            views = []
-            for v in range(train_views):
-                torch.manual_seed(seed * 1000 + v)
-                tf = bb.transform(True) if v > 0 else bb.transform(False)
-                fv = []
-                for x, _ in tqdm(_loader(ds.with_transform(tf), batch_size, 0),
-                                 desc=f"features {ds.key} view {v + 1}/{train_views}", disable=not progress,
-                                 leave=False):
-                    fv.append(bb.encode_image(x.to(bb.device)).float().cpu())
-                views.append(torch.cat(fv))
-            out = torch.stack(views, 1)
+
+    def encode(batch):
+        return bb.encode_image(batch[0].to(bb.device)).float().cpu()
+
+    # cache_fill_map: the same bytes whatever thread count the run uses
+    if not train_views:
+        data = ds.with_transform(bb.transform(False))
+        if sharded:
+            data = torch.utils.data.Subset(data, range(*dist.shard(len(ds))))
+        batches = tqdm(_loader(data, batch_size, workers), desc=f"features {ds.key}", disable=not progress,
+                       leave=False)
+        feats = list(cache_fill_map(encode, batches, bb.device))
+        out = torch.cat(feats) if feats else torch.zeros(0, bb.embed_dim)
+        if sharded:
+            out = dist.gather_rows(out)
+    else:
+        views = []
+        for v in range(train_views):
+            torch.manual_seed(seed * 1000 + v)  # the augmentations are drawn in this thread, in loader order
+            tf = bb.transform(True) if v > 0 else bb.transform(False)
+            batches = tqdm(_loader(ds.with_transform(tf), batch_size, 0),
+                           desc=f"features {ds.key} view {v + 1}/{train_views}", disable=not progress, leave=False)
+            views.append(torch.cat(list(cache_fill_map(encode, batches, bb.device))))
+        out = torch.stack(views, 1)
     if cache and dist.is_main():
         save_tensors(path, {"features": out, "labels": labels},
                      {"model": bb.ident, "dataset": ds.name, "split": ds.split, "transform": desc,

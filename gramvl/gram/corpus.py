@@ -22,7 +22,7 @@ import torch
 
 from gramvl.errors import GramvlError
 from gramvl.io import write_json
-from gramvl.paths import cache_dir, cache_fill, cache_fill_tag
+from gramvl.paths import cache_dir, cache_fill_map, cache_fill_tag
 
 if TYPE_CHECKING:
     from gramvl.backbone import Backbone
@@ -202,14 +202,22 @@ def encode_corpus(bb: Backbone, pairs: Sequence[dict], batch_size: int = 256, ca
     target.mkdir(parents=True, exist_ok=True)
     loader = torch.utils.data.DataLoader(_PairImages(paths, bb.transform(False)), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
-    with (cache_fill(bb.device), _atomic_npy(target / "zI.npy", (n, d)) as zI,
-          _atomic_npy(target / "zT.npy", (n, d)) as zT):
+
+    def batches():
         s = 0
         for x in tqdm(loader, desc="encode corpus", disable=not progress, leave=False, mininterval=2):
-            e = s + x.shape[0]
-            zI[s:e] = bb.encode_image(x.to(bb.device)).float().cpu().numpy()
-            zT[s:e] = bb.encode_texts(captions[s:e]).float().cpu().numpy()
-            s = e
+            yield s, x
+            s += x.shape[0]
+
+    def encode(batch):
+        s, x = batch
+        e = s + x.shape[0]
+        return (s, e, bb.encode_image(x.to(bb.device)).float().cpu().numpy(),
+                bb.encode_texts(captions[s:e]).float().cpu().numpy())
+
+    with _atomic_npy(target / "zI.npy", (n, d)) as zI, _atomic_npy(target / "zT.npy", (n, d)) as zT:
+        for s, e, zi, zt in cache_fill_map(encode, batches(), bb.device):  # the same bytes at any thread count
+            zI[s:e], zT[s:e] = zi, zt
     write_json(target / "corpus.json", {"format": CORPUS_FORMAT, "n": n, "dim": d, "ident": bb.ident,
                                         "key": key, "captions": captions, "paths": paths})
     return CorpusFeatures.load(target)

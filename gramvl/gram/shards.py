@@ -37,7 +37,7 @@ import torch
 from gramvl.errors import GramvlError
 from gramvl.gram.corpus import CorpusFeatures
 from gramvl.io import write_json
-from gramvl.paths import cache_dir, cache_fill
+from gramvl.paths import cache_dir, cache_fill_map
 
 if TYPE_CHECKING:
     from gramvl.backbone import Backbone
@@ -434,31 +434,38 @@ def extract_shard_features(bb: Backbone, spec: str, out: str | Path | None = Non
         buf: dict[int, tuple[list, list, list, list]] = {}
         bar = tqdm(total=len(sources), initial=len(records), desc="extract shards", unit="shard",
                    disable=not progress, mininterval=2)
-        with cache_fill(bb.device):  # the same bytes whatever thread count the run uses
-            for item in loader:
-                if item[0] == "batch":
-                    _, i, x, caps, members = item
-                    zi, zt, c, m = buf.setdefault(i, ([], [], [], []))
-                    zi.append(bb.encode_image(x.to(bb.device)).float().cpu().numpy())
-                    zt.append(bb.encode_texts(list(caps)).float().cpu().numpy())
-                    c += caps
-                    m += members
-                    continue
-                _, i, stats = item
-                zi, zt, c, m = buf.pop(i, ([], [], [], []))
-                d = bb.embed_dim
-                src = os.path.abspath(sources[i])
-                skipped = {k: v for k, v in stats.items() if k not in ("pairs", "errors") and v}
-                writer.write(i, np.concatenate(zi) if zi else np.zeros((0, d)), np.concatenate(zt) if zt else
-                             np.zeros((0, d)), c, [f"{src}#{name}" for name in m], src, sizes[i], skipped)
-                records[i] = {"file": writer.stem(i), "n": len(c), "source": src, "skipped": skipped}
-                manifest(False)
-                bar.update(1)
-                if skipped:
-                    warnings.warn(f"{sources[i]}: skipped {sum(skipped.values())} pairs ("
-                                  + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items())
-                                  + (f"; e.g. {stats['errors'][0]}" if stats.get("errors") else "") + ")",
-                                  stacklevel=2)
+
+        def encode(item):
+            if item[0] != "batch":
+                return item
+            _, i, x, caps, members = item
+            return ("batch", i, bb.encode_image(x.to(bb.device)).float().cpu().numpy(),
+                    bb.encode_texts(list(caps)).float().cpu().numpy(), caps, members)
+
+        for item in cache_fill_map(encode, loader, bb.device):  # in order; the same bytes at any thread count
+            if item[0] == "batch":
+                _, i, zi_, zt_, caps, members = item
+                zi, zt, c, m = buf.setdefault(i, ([], [], [], []))
+                zi.append(zi_)
+                zt.append(zt_)
+                c += caps
+                m += members
+                continue
+            _, i, stats = item
+            zi, zt, c, m = buf.pop(i, ([], [], [], []))
+            d = bb.embed_dim
+            src = os.path.abspath(sources[i])
+            skipped = {k: v for k, v in stats.items() if k not in ("pairs", "errors") and v}
+            writer.write(i, np.concatenate(zi) if zi else np.zeros((0, d)), np.concatenate(zt) if zt else
+                         np.zeros((0, d)), c, [f"{src}#{name}" for name in m], src, sizes[i], skipped)
+            records[i] = {"file": writer.stem(i), "n": len(c), "source": src, "skipped": skipped}
+            manifest(False)
+            bar.update(1)
+            if skipped:
+                warnings.warn(f"{sources[i]}: skipped {sum(skipped.values())} pairs ("
+                              + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items())
+                              + (f"; e.g. {stats['errors'][0]}" if stats.get("errors") else "") + ")",
+                              stacklevel=2)
         bar.close()
     total = sum(r["n"] for r in records.values())
     if total == 0:

@@ -34,7 +34,7 @@ from gramvl.gram.meta import ARTIFACT_FORMAT, anchor_text_rows, outer_update, to
 from gramvl.gram.regulator import RegulatorSet
 from gramvl.gram.tasks import TaskConfig
 from gramvl.io import save_tensors, write_json
-from gramvl.paths import cache_dir, cache_fill, cache_fill_tag
+from gramvl.paths import cache_dir, cache_fill_map, cache_fill_tag
 from gramvl.tta.structure import PROTOTYPE_MODES, StructureContext, StructuredRegulator
 from gramvl.tta.tpt import (
     HAND_PROMPT,
@@ -164,14 +164,20 @@ class ViewFeatureCache:
         idx = np.arange(len(self)) if idx is None else np.unique(np.asarray(idx, dtype=np.int64))
         todo = idx[~self.done[idx]]
         per = max(1, self.batch_size // self.views)
-        for s in tqdm(range(0, len(todo), per), desc="encode corpus views", disable=not progress,
-                      leave=False, mininterval=2):
-            part = todo[s:s + per]
-            views = torch.stack([self.augment(load_image(self.paths[i]), sample_generator(self.seed, int(i)))
-                                 for i in part])
+
+        def parts():  # augmented in this thread (each image from its own generator)
+            for s in tqdm(range(0, len(todo), per), desc="encode corpus views", disable=not progress,
+                          leave=False, mininterval=2):
+                part = todo[s:s + per]
+                yield part, torch.stack([self.augment(load_image(self.paths[i]), sample_generator(self.seed, int(i)))
+                                         for i in part])
+
+        def encode(item):
+            part, views = item
             flat = views.flatten(0, 1).to(self.bb.device, self.bb.dtype)
-            with cache_fill(self.bb.device):  # the same bytes whatever thread count the run uses
-                f = self.bb.encode_image(flat).float().cpu().view(len(part), self.views, -1)
+            return part, self.bb.encode_image(flat).float().cpu().view(len(part), self.views, -1)
+
+        for part, f in cache_fill_map(encode, parts(), self.bb.device):  # the same bytes at any thread count
             self.feats[part] = f.numpy().astype(np.float16)
             self.done[part] = True
         if len(todo) and self.folder is not None:
