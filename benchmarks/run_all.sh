@@ -719,3 +719,22 @@ done
 for k in 4 8; do m4 --protocol fewshot --shots $k --name meta_seed_spread_coop4_${k}shot; done
 wait
 $PY benchmarks/gram_summary.py --only v3
+
+# ---- session 15 (docs/method.md "Caches hold the same bytes"; docs/results/gram.md, session 15) ----
+# cache fills: the pre-session-15 intra-op fill against the batch-parallel one, at 1 and 2 threads (run on an idle machine)
+$PY benchmarks/cache_fill.py
+# the demo's GRAM spread again, on caches filled the session-15 way (5 meta-seeds x 2 and 1 CPU threads, torch k-means;
+# it ran on a399827's one-thread serial fill, which gives the same bytes, and its file names the commit at its end, 5b88094)
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 4 --threads 2 1 --steps 300 --epochs 40 \
+    --seeds 1 --kmeans torch --name meta_seed_spread_demo_v2
+# more GRAM cells over meta-training runs, from session 13's five anchored M = 4 artifacts (copied): CoCoOp's few-shot
+# curve (2-16 shots), CoOp M = 4's and CoCoOp's cross-dataset cells. These ran on session 14's code (commit 89db6b6,
+# caches filled before session 15), so that their plain-host values could be compared with the tables'.
+for n in cocoop_2shot cocoop_4shot cocoop_8shot cocoop_16shot coop4_xd cocoop_xd; do
+  mkdir -p $W/meta_seed_spread_$n
+  cp $W/meta_seed_spread_coop4_dg/gram_ms*_t1.safetensors $W/meta_seed_spread_coop4_dg/gram_ms*_t1.json $W/meta_seed_spread_$n/
+done
+for k in 2 4 8 16; do m4 --method cocoop --tune-set --protocol fewshot --shots $k --name meta_seed_spread_cocoop_${k}shot; done
+m4 --protocol xd --name meta_seed_spread_coop4_xd
+m4 --method cocoop --tune-set --protocol xd --name meta_seed_spread_cocoop_xd
+$PY benchmarks/gram_summary.py --only v3
