@@ -54,20 +54,27 @@ def cache_fill_map(fn: Callable[[T], R], items: Iterable[T], device) -> Iterator
     runs on one intra-op thread, which gives the same bytes whatever thread count the run uses, and the run's
     threads are used by running that many calls at once instead (items are drawn in the calling thread, in
     order). It is also faster than one batch after another on the run's intra-op threads, which it replaces
-    (`benchmarks/cache_fill.py`, docs/results/cache_fill.md). Off the CPU: a plain map. The run's thread count
-    is restored afterwards."""
+    (`benchmarks/cache_fill.py`, docs/results/cache_fill.md). Off the CPU: a plain map. The calls run in the
+    caller's grad mode (thread-local in torch, so it is passed on), and the run's thread count is restored
+    afterwards."""
     import torch
 
     if torch.device(device).type != "cpu":
         yield from map(fn, items)
         return
+    grad = torch.is_grad_enabled()
+
+    def call(item: T) -> R:
+        with torch.set_grad_enabled(grad):
+            return fn(item)
+
     workers = max(1, torch.get_num_threads())
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             pending: deque = deque()
             for item in items:
-                pending.append(pool.submit(fn, item))
+                pending.append(pool.submit(call, item))
                 if len(pending) > workers:
                     yield pending.popleft().result()
             while pending:

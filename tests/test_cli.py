@@ -197,7 +197,7 @@ def test_cached_features_are_encoded_on_one_thread_whatever_the_runs_thread_coun
     encode_image = bb.encode_image
 
     def spy(x):
-        seen.append(torch.get_num_threads())
+        seen.append((torch.get_num_threads(), torch.is_grad_enabled()))
         return encode_image(x)
 
     monkeypatch.setattr(bb, "encode_image", spy)
@@ -212,7 +212,7 @@ def test_cached_features_are_encoded_on_one_thread_whatever_the_runs_thread_coun
                             np.asarray(encode_corpus(bb, pairs, batch_size=3, cache=False, progress=False,
                                                      workers=0).zI))
             assert torch.get_num_threads() == threads
-        assert len(seen) >= 20 and set(seen) == {1}, seen
+        assert len(seen) >= 20 and set(seen) == {(1, False)}, seen  # one intra-op thread, no autograd graph
         assert torch.equal(out[1][0], out[2][0]) and torch.equal(out[1][1], out[2][1])
         assert np.array_equal(out[1][2], out[2][2])
     finally:
@@ -246,6 +246,9 @@ def test_cache_fill_map_keeps_order_raises_and_restores_the_thread_count():
             list(cache_fill_map(boom, range(10), "cpu"))
         assert torch.get_num_threads() == 2
         assert list(cache_fill_map(str, [1, 2], "meta")) == ["1", "2"]  # off the CPU: a plain map
+        with torch.no_grad():  # grad mode is thread-local: the calls get the caller's
+            assert set(cache_fill_map(lambda _: torch.is_grad_enabled(), range(4), "cpu")) == {False}
+        assert set(cache_fill_map(lambda _: torch.is_grad_enabled(), range(4), "cpu")) == {True}
     finally:
         torch.set_num_threads(before)
 

@@ -163,6 +163,8 @@ class ViewFeatureCache:
 
         idx = np.arange(len(self)) if idx is None else np.unique(np.asarray(idx, dtype=np.int64))
         todo = idx[~self.done[idx]]
+        if not len(todo):
+            return
         per = max(1, self.batch_size // self.views)
 
         def parts():  # augmented in this thread (each image from its own generator)
