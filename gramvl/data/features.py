@@ -95,5 +95,5 @@ def _image_features(bb, ds, train_views, seed, batch_size, workers, cache, progr
     if cache and dist.is_main():
         save_tensors(path, {"features": out, "labels": labels},
                      {"model": bb.ident, "dataset": ds.name, "split": ds.split, "transform": desc,
-                      "views": train_views, "seed": seed, "n": len(ds)})
+                      "views": train_views, "seed": seed, "n": len(ds), "fill": cache_fill_tag(bb.device)})
     return out, labels

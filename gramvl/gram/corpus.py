@@ -219,5 +219,6 @@ def encode_corpus(bb: Backbone, pairs: Sequence[dict], batch_size: int = 256, ca
         for s, e, zi, zt in cache_fill_map(encode, batches(), bb.device):  # the same bytes at any thread count
             zI[s:e], zT[s:e] = zi, zt
     write_json(target / "corpus.json", {"format": CORPUS_FORMAT, "n": n, "dim": d, "ident": bb.ident,
-                                        "key": key, "captions": captions, "paths": paths})
+                                        "key": key, "fill": cache_fill_tag(bb.device), "captions": captions,
+                                        "paths": paths})
     return CorpusFeatures.load(target)
