@@ -128,10 +128,10 @@ META_CHECKS_V3 = {
     ("VPT (shallow, 8 tokens)", "1"): "meta_seed_spread_vpt_1shot",
     ("MaPLe", "hm"): "meta_seed_spread_maple_b2n",
     ("MaPLe", "1"): "meta_seed_spread_maple_1shot",
-    ("MaPLe", "2"): "meta_seed_spread_maple_2shot",
+    **{("MaPLe", k): f"meta_seed_spread_maple_{k}shot" for k in ("2", "4")},
     ("IVLP + UNIGRAM", "hm"): "meta_seed_spread_unigram_b2n",
     ("IVLP + UNIGRAM", "1"): "meta_seed_spread_unigram_1shot",
-    ("IVLP + UNIGRAM", "8"): "meta_seed_spread_unigram_8shot",
+    **{("IVLP + UNIGRAM", k): f"meta_seed_spread_unigram_{k}shot" for k in ("2", "4", "8")},
 }
 
 TABLES = {

@@ -736,5 +736,17 @@ for n in cocoop_2shot cocoop_4shot cocoop_8shot cocoop_16shot coop4_xd cocoop_xd
 done
 for k in 2 4 8 16; do m4 --method cocoop --tune-set --protocol fewshot --shots $k --name meta_seed_spread_cocoop_${k}shot; done
 m4 --protocol xd --name meta_seed_spread_coop4_xd
-m4 --method cocoop --tune-set --protocol xd --name meta_seed_spread_cocoop_xd
+m4 --method cocoop --tune-set --protocol xd --name meta_seed_spread_cocoop_xd   # not finished in session 15
+# IVLP + UNIGRAM at 2 and 4 shots from its three artifacts, MaPLe at 4 shots from its five (copied; session 14's code too)
+for n in unigram_2shot unigram_4shot; do
+  mkdir -p $W/meta_seed_spread_$n
+  cp $W/meta_seed_spread_unigram_8shot/gram_ms*_t1.safetensors $W/meta_seed_spread_unigram_8shot/gram_ms*_t1.json $W/meta_seed_spread_$n/
+done
+mkdir -p $W/meta_seed_spread_maple_4shot
+cp $W/meta_seed_spread_maple_b2n/gram_ms*_t1.safetensors $W/meta_seed_spread_maple_b2n/gram_ms*_t1.json $W/meta_seed_spread_maple_4shot/
+ug --protocol fewshot --shots 2 --name meta_seed_spread_unigram_2shot
+OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host maple --meta-set second_order=false \
+    --theta-anchor 0.5 --steps 180 --threads 1 --meta-seeds 0 1 2 3 4 --seeds 1 2 3 --kmeans faiss --protocol fewshot --shots 4 \
+    --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_4shot
+ug --protocol fewshot --shots 4 --name meta_seed_spread_unigram_4shot
 $PY benchmarks/gram_summary.py --only v3
