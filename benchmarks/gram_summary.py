@@ -115,6 +115,7 @@ META_CHECKS_V3 = {
     ("CoOp (M = 16, random init)", "hm"): "meta_seed_spread_v3",
     **{("CoOp (M = 16, random init)", k): f"meta_seed_spread_v3_{k}shot" for k in ("1", "2", "4", "8", "16")},
     ("CoOp (M = 16, random init)", "xd"): "meta_seed_spread_v3_xd",
+    ("CoOp (M = 16, random init)", "dg"): "meta_seed_spread_v3_dg",
     ("CoOp (M = 4, 'a photo of a')", "hm"): "meta_seed_spread_coop4_b2n",
     ("CoOp (M = 4, 'a photo of a')", "1"): "meta_seed_spread_coop4_1shot",
     **{("CoOp (M = 4, 'a photo of a')", k): f"meta_seed_spread_coop4_{k}shot" for k in ("2", "4", "8", "16")},

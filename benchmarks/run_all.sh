@@ -749,4 +749,9 @@ OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --m
     --theta-anchor 0.5 --steps 180 --threads 1 --meta-seeds 0 1 2 3 4 --seeds 1 2 3 --kmeans faiss --protocol fewshot --shots 4 \
     --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_4shot
 ug --protocol fewshot --shots 4 --name meta_seed_spread_unigram_4shot
+# CoOp's DG cell from session 13's five v3 artifacts (copied; session 14's code)
+mkdir -p $W/meta_seed_spread_v3_dg
+cp $W/meta_seed_spread_v3/gram_ms*_t2.safetensors $W/meta_seed_spread_v3/gram_ms*_t2.json $W/meta_seed_spread_v3_dg/
+OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --protocol dg --meta-seeds 0 1 2 3 4 --steps 600 \
+    --tune-threads 1 --seeds 1 2 3 --kmeans faiss --with-shipped --name meta_seed_spread_v3_dg
 $PY benchmarks/gram_summary.py --only v3
