@@ -616,9 +616,15 @@ OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 
     --with-shipped --name meta_seed_spread_v3
 # the same 5 artifacts on CoOp's few-shot curve (copied into each work folder; 2 threads as they were made)
 W=runs/meta_seed_spread
+# reuse SRC THREADS NAME...: copy the artifacts (and sidecars) meta-trained at THREADS threads in work folder SRC into
+# each work folder NAME, so that meta_seed_spread.py evaluates them instead of meta-training again
+reuse() { local src=$1 th=$2 n; shift 2
+  for n in "$@"; do
+    mkdir -p $W/meta_seed_spread_$n
+    cp $W/meta_seed_spread_$src/gram_ms*_t$th.safetensors $W/meta_seed_spread_$src/gram_ms*_t$th.json $W/meta_seed_spread_$n/
+  done; }
 for K in 1 2 4 8 16; do
-  mkdir -p $W/meta_seed_spread_v3_${K}shot
-  cp $W/meta_seed_spread_v3/gram_ms*_t2.safetensors $W/meta_seed_spread_v3/gram_ms*_t2.json $W/meta_seed_spread_v3_${K}shot/
+  reuse v3 2 v3_${K}shot
   OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --protocol fewshot --shots $K --meta-seeds 0 1 2 3 4 --steps 600 \
       --seeds 1 2 3 --kmeans faiss --with-shipped --name meta_seed_spread_v3_${K}shot
 done
@@ -655,8 +661,7 @@ $PY benchmarks/scale_optimum.py --models $M --images augmented unaugmented --by-
 OMP_NUM_THREADS=1 $PY benchmarks/scale_geometry.py --models small small-v1 runs/s13_fit/pool1024_noaug/final.safetensors \
     runs/s13_fit/pool1024_aug/final.safetensors
 # more GRAM cells over meta-training runs: CoOp's cross-dataset cell with session 13's five v3 artifacts (copied)
-W=runs/meta_seed_spread; mkdir -p $W/meta_seed_spread_v3_xd
-cp $W/meta_seed_spread_v3/gram_ms*_t2.safetensors $W/meta_seed_spread_v3/gram_ms*_t2.json $W/meta_seed_spread_v3_xd/
+W=runs/meta_seed_spread; reuse v3 2 v3_xd
 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --protocol xd --meta-seeds 0 1 2 3 4 --steps 600 \
     --tune-threads 1 --seeds 1 2 3 --kmeans faiss --with-shipped --name meta_seed_spread_v3_xd &
 # MaPLe's base-to-new cell (+1.52): its anchored first-order recipe, 180 meta-steps (the table's artifact stopped at its
@@ -666,8 +671,7 @@ OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --m
     --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_b2n
 wait
 # MaPLe's 1-shot cell from the same five MaPLe artifacts (copied)
-mkdir -p $W/meta_seed_spread_maple_1shot
-cp $W/meta_seed_spread_maple_b2n/gram_ms*_t1.safetensors $W/meta_seed_spread_maple_b2n/gram_ms*_t1.json $W/meta_seed_spread_maple_1shot/
+reuse maple_b2n 1 maple_1shot
 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host maple --meta-set second_order=false \
     --theta-anchor 0.5 --steps 180 --threads 1 --meta-seeds 0 1 2 3 4 --seeds 1 2 3 --kmeans faiss --protocol fewshot --shots 1 \
     --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_1shot
@@ -676,10 +680,7 @@ OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --m
     --theta-anchor 0.5 --steps 270 --threads 1 --meta-seeds 0 1 2 --protocol fewshot --shots 8 --seeds 1 2 3 --kmeans faiss \
     --reference runs/gram11/unigram_anchor05.safetensors --name meta_seed_spread_unigram_8shot &
 # CoOp M = 4's base-to-new and 1-shot cells, then CoCoOp's, from session 13's five anchored M = 4 artifacts (copied)
-for n in coop4_b2n coop4_1shot cocoop_b2n cocoop_1shot; do
-  mkdir -p $W/meta_seed_spread_$n
-  cp $W/meta_seed_spread_coop4_dg/gram_ms*_t1.safetensors $W/meta_seed_spread_coop4_dg/gram_ms*_t1.json $W/meta_seed_spread_$n/
-done
+reuse coop4_dg 1 coop4_b2n coop4_1shot cocoop_b2n cocoop_1shot
 m4() { OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --host-set n_ctx=4 'ctx_init=a photo of a' \
   --theta-anchor 0.25 --meta-seeds 0 1 2 3 4 --threads 1 --steps 600 --seeds 1 2 3 --kmeans faiss \
   --reference runs/gram10/m4_anchor025.safetensors "$@"; }
@@ -691,17 +692,12 @@ m4 --method cocoop --tune-set --name meta_seed_spread_cocoop_b2n
 vpt() { OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host vpt --meta-set second_order=false \
   --steps 170 --threads 1 --meta-seeds 0 1 2 --seeds 1 2 3 --kmeans faiss --reference runs/gram11/vpt.safetensors "$@"; }
 vpt --protocol fewshot --shots 1 --name meta_seed_spread_vpt_1shot
-mkdir -p $W/meta_seed_spread_vpt_b2n
-cp $W/meta_seed_spread_vpt_1shot/gram_ms*_t1.safetensors $W/meta_seed_spread_vpt_1shot/gram_ms*_t1.json $W/meta_seed_spread_vpt_b2n/
+reuse vpt_1shot 1 vpt_b2n
 vpt --name meta_seed_spread_vpt_b2n
 wait
 # IVLP + UNIGRAM's 1-shot and base-to-new cells from its three artifacts, MaPLe's 2-shot cell from its five (copied)
-for n in unigram_1shot unigram_b2n; do
-  mkdir -p $W/meta_seed_spread_$n
-  cp $W/meta_seed_spread_unigram_8shot/gram_ms*_t1.safetensors $W/meta_seed_spread_unigram_8shot/gram_ms*_t1.json $W/meta_seed_spread_$n/
-done
-mkdir -p $W/meta_seed_spread_maple_2shot
-cp $W/meta_seed_spread_maple_b2n/gram_ms*_t1.safetensors $W/meta_seed_spread_maple_b2n/gram_ms*_t1.json $W/meta_seed_spread_maple_2shot/
+reuse unigram_8shot 1 unigram_1shot unigram_b2n
+reuse maple_b2n 1 maple_2shot
 ug() { OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host ivlp --unigram --meta-set second_order=false \
   --theta-anchor 0.5 --steps 270 --threads 1 --meta-seeds 0 1 2 --seeds 1 2 3 --kmeans faiss \
   --reference runs/gram11/unigram_anchor05.safetensors "$@"; }
@@ -711,10 +707,7 @@ OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --m
     --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_2shot
 wait
 # CoOp M = 4's few-shot curve (2-16 shots) from its five anchored artifacts (copied; the curve table's artifact is meta-seed 0's)
-for k in 2 4 8 16; do
-  mkdir -p $W/meta_seed_spread_coop4_${k}shot
-  cp $W/meta_seed_spread_coop4_dg/gram_ms*_t1.safetensors $W/meta_seed_spread_coop4_dg/gram_ms*_t1.json $W/meta_seed_spread_coop4_${k}shot/
-done
+reuse coop4_dg 1 coop4_2shot coop4_4shot coop4_8shot coop4_16shot
 (for k in 2 16; do m4 --protocol fewshot --shots $k --name meta_seed_spread_coop4_${k}shot; done) &
 for k in 4 8; do m4 --protocol fewshot --shots $k --name meta_seed_spread_coop4_${k}shot; done
 wait
@@ -730,28 +723,20 @@ OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 
 # more GRAM cells over meta-training runs, from session 13's five anchored M = 4 artifacts (copied): CoCoOp's few-shot
 # curve (2-16 shots), CoOp M = 4's and CoCoOp's cross-dataset cells. These ran on session 14's code (commit 89db6b6,
 # caches filled before session 15), so that their plain-host values could be compared with the tables'.
-for n in cocoop_2shot cocoop_4shot cocoop_8shot cocoop_16shot coop4_xd cocoop_xd; do
-  mkdir -p $W/meta_seed_spread_$n
-  cp $W/meta_seed_spread_coop4_dg/gram_ms*_t1.safetensors $W/meta_seed_spread_coop4_dg/gram_ms*_t1.json $W/meta_seed_spread_$n/
-done
+reuse coop4_dg 1 cocoop_2shot cocoop_4shot cocoop_8shot cocoop_16shot coop4_xd cocoop_xd
 for k in 2 4 8 16; do m4 --method cocoop --tune-set --protocol fewshot --shots $k --name meta_seed_spread_cocoop_${k}shot; done
 m4 --protocol xd --name meta_seed_spread_coop4_xd
 m4 --method cocoop --tune-set --protocol xd --name meta_seed_spread_cocoop_xd   # not finished in session 15
 # IVLP + UNIGRAM at 2 and 4 shots from its three artifacts, MaPLe at 4 shots from its five (copied; session 14's code too)
-for n in unigram_2shot unigram_4shot; do
-  mkdir -p $W/meta_seed_spread_$n
-  cp $W/meta_seed_spread_unigram_8shot/gram_ms*_t1.safetensors $W/meta_seed_spread_unigram_8shot/gram_ms*_t1.json $W/meta_seed_spread_$n/
-done
-mkdir -p $W/meta_seed_spread_maple_4shot
-cp $W/meta_seed_spread_maple_b2n/gram_ms*_t1.safetensors $W/meta_seed_spread_maple_b2n/gram_ms*_t1.json $W/meta_seed_spread_maple_4shot/
+reuse unigram_8shot 1 unigram_2shot unigram_4shot
+reuse maple_b2n 1 maple_4shot
 ug --protocol fewshot --shots 2 --name meta_seed_spread_unigram_2shot
 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host maple --meta-set second_order=false \
     --theta-anchor 0.5 --steps 180 --threads 1 --meta-seeds 0 1 2 3 4 --seeds 1 2 3 --kmeans faiss --protocol fewshot --shots 4 \
     --reference runs/gram11/maple_anchor05.safetensors --name meta_seed_spread_maple_4shot
 ug --protocol fewshot --shots 4 --name meta_seed_spread_unigram_4shot
 # CoOp's DG cell from session 13's five v3 artifacts (copied; session 14's code)
-mkdir -p $W/meta_seed_spread_v3_dg
-cp $W/meta_seed_spread_v3/gram_ms*_t2.safetensors $W/meta_seed_spread_v3/gram_ms*_t2.json $W/meta_seed_spread_v3_dg/
+reuse v3 2 v3_dg
 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --protocol dg --meta-seeds 0 1 2 3 4 --steps 600 \
     --tune-threads 1 --seeds 1 2 3 --kmeans faiss --with-shipped --name meta_seed_spread_v3_dg
 $PY benchmarks/gram_summary.py --only v3
