@@ -153,7 +153,7 @@ class _atomic_npy:
                 os.unlink(self.tmp)
 
 
-def corpus_key(ident: str, pairs: Sequence[dict], fill: str = "") -> str:
+def corpus_key(ident: str, pairs: Sequence[dict], fill: str) -> str:
     """Cache key of a corpus: the backbone ident, how it is encoded (`cache_fill_tag`) and a hash of every
     (image path, caption)."""
     h = hashlib.sha256()
