@@ -32,6 +32,12 @@ SMALL_FILE = "small_clip.safetensors"
 # that the results made with it can still be reproduced: `small-v1` (gramvl-small:df9e3fa9681d) made every
 # table of sessions 1-6 in docs/results/; `small-v2` (gramvl-small:3ec54fee2231, session 7) made the `*_v2`
 # tables; session 8's model replaced it (docs/pretraining.md).
+# On the CPU a batch of 1-3 images or texts goes through other matmul kernels than a larger one, so the same row
+# gets other last bits (measured on the small CLIP at one thread: every row of batches of 1-3 differs from the
+# same row in a batch of 40, none of batches of 4-200). Features that a cache keeps are encoded on at least this
+# many rows (`pad_rows`), so a row's bytes do not depend on the batch it falls in: not on the batch size, on
+# where the data ends, or on how torchrun splits it over processes.
+MIN_ROWS = 16
 SMALL_MODELS = {SMALL_NAME: SMALL_FILE, "small-v1": "small_clip_v1.safetensors", "small-v2": "small_clip_v2.safetensors"}
 
 
@@ -515,14 +521,21 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], normalize: bool = True, chunk_size: int = 512) -> torch.Tensor:
-        """Plain text features [N, D] (open_clip's encode_text), computed in chunks."""
+        """Plain text features [N, D] (open_clip's encode_text), computed in chunks; a text's features do not depend
+        on the chunk it falls in (`pad_rows`)."""
         outs = []
         for s in range(0, len(texts), chunk_size):
-            outs.append(self.model.encode_text(self.tokenize(texts[s:s + chunk_size])))
+            outs.append(pad_rows(self.model.encode_text, self.tokenize(texts[s:s + chunk_size])))
         feats = torch.cat(outs) if outs else torch.zeros(0, self.embed_dim, device=self.device)
         return F.normalize(feats, dim=-1) if normalize else feats
 
     # ----------------------------------------------------------------------------------- image
+    @torch.no_grad()
+    def encode_image_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """Plain normalized image features [B, D], each row independent of the batch it sits in (`pad_rows`): the
+        way features that a cache keeps are encoded."""
+        return pad_rows(self.encode_image, images)
+
     def encode_image(self, images: torch.Tensor, prompts: torch.Tensor | None = None,
                      deep: list[torch.Tensor] | None = None, normalize: bool = True) -> torch.Tensor:
         """Image features [B, D]; prompts [M, d] or [B, M, d] appended after the patch tokens (VPT)."""
@@ -577,6 +590,15 @@ class Backbone(nn.Module):
                               T.RandomHorizontalFlip(), T.ToTensor(), norm])
         return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                           T.ToTensor(), norm])
+
+
+def pad_rows(fn, x: torch.Tensor, rows: int = MIN_ROWS) -> torch.Tensor:
+    """fn(x) for a batch x, run on at least `rows` rows: a smaller batch is padded with copies of its last row,
+    and only its own rows are returned (see MIN_ROWS)."""
+    n = x.shape[0]
+    if n == 0 or n >= rows:
+        return fn(x)
+    return fn(torch.cat([x, x[-1:].expand(rows - n, *x.shape[1:])]))[:n]
 
 
 # ======================================================================================= loading

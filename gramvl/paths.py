@@ -6,11 +6,13 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+_RUN_THREADS: int | None = None  # the run's thread count while `one_thread` holds torch at one
 
 
 def gramvl_home() -> Path:
@@ -36,12 +38,15 @@ def assets_dir() -> Path:
 
 
 def cache_fill_tag(device) -> str:
-    """What a cache key records of how its features were encoded (`cache_fill_map`): 'cpu-threads-1' on the CPU,
-    else the device type. Caches filled before session 15, at whatever thread count, lack it and are never served."""
+    """What a cache key records of how its features were encoded: on one intra-op thread per batch
+    (`cache_fill_map`) and on at least MIN_ROWS rows (`gramvl.backbone.pad_rows`): 'cpu-threads-1-rows16' on the
+    CPU, else the device type and the rows. Caches filled before either rule lack it and are never served."""
     import torch
 
+    from gramvl.backbone import MIN_ROWS
+
     kind = torch.device(device).type
-    return "cpu-threads-1" if kind == "cpu" else kind
+    return f"cpu-threads-1-rows{MIN_ROWS}" if kind == "cpu" else f"{kind}-rows{MIN_ROWS}"
 
 
 def cache_fill_map(fn: Callable[[T], R], items: Iterable[T], device) -> Iterator[R]:
@@ -53,10 +58,10 @@ def cache_fill_map(fn: Callable[[T], R], items: Iterable[T], device) -> Iterator
     GRAM row read 12.07 on a fresh cache and 18.55 on an older one, both at 2 threads). So on the CPU every call
     runs on one intra-op thread, which gives the same bytes whatever thread count the run uses, and the run's
     threads are used by running that many calls at once instead (items are drawn in the calling thread, in
-    order). It is also faster than one batch after another on the run's intra-op threads, which it replaces
-    (`benchmarks/cache_fill.py`, docs/results/cache_fill.md). Off the CPU: a plain map. The calls run in the
-    caller's grad mode (thread-local in torch, so it is passed on), and the run's thread count is restored
-    afterwards."""
+    order; inside `one_thread`, the run's count from before it). It is also faster than one batch after another
+    on the run's intra-op threads, which it replaces (`benchmarks/cache_fill.py`, docs/results/cache_fill.md).
+    Off the CPU: a plain map. The calls run in the caller's grad mode (thread-local in torch, so it is passed
+    on), and the caller's thread count is restored afterwards."""
     import torch
 
     if torch.device(device).type != "cpu":
@@ -68,7 +73,8 @@ def cache_fill_map(fn: Callable[[T], R], items: Iterable[T], device) -> Iterator
         with torch.set_grad_enabled(grad):
             return fn(item)
 
-    workers = max(1, torch.get_num_threads())
+    workers = max(1, _RUN_THREADS or torch.get_num_threads())
+    prior = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
@@ -80,4 +86,22 @@ def cache_fill_map(fn: Callable[[T], R], items: Iterable[T], device) -> Iterator
             while pending:
                 yield pending.popleft().result()
     finally:
-        torch.set_num_threads(workers)
+        torch.set_num_threads(prior)
+
+
+@contextmanager
+def one_thread():
+    """torch on one intra-op thread inside, so that float sums do not depend on the run's thread count (CMHC's
+    clustering, which is cached too). The run's count is restored after, and a `cache_fill_map` inside still runs
+    that many calls at once."""
+    import torch
+
+    global _RUN_THREADS
+    outer, n = _RUN_THREADS, torch.get_num_threads()
+    _RUN_THREADS = outer or n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _RUN_THREADS = outer

@@ -262,3 +262,33 @@ def test_every_packaged_small_clip_loads_by_name():
     for name, ident in (("small-v1", "gramvl-small:df9e3fa9681d"), ("small-v2", "gramvl-small:3ec54fee2231")):
         old = load_backbone(name)
         assert old.ident == ident and old.meta["model_cfg"] == cfg
+
+
+def test_a_rows_features_do_not_depend_on_the_batch_it_falls_in(small_packaged):
+    """On the CPU a batch of 1-3 rows goes through other matmul kernels than a larger one (other last bits), so
+    the features that caches keep are encoded on at least MIN_ROWS rows: a row's bytes are then the same in a
+    batch of 1, in the last short batch of a dataset, or in any torchrun process's share."""
+    from gramvl.backbone import MIN_ROWS, pad_rows
+
+    bb = small_packaged
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the way caches are filled (`cache_fill_map`)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(40, 3, bb.image_size, bb.image_size, generator=g)
+        texts = [f"a photo of thing number {i}." for i in range(40)]
+        with torch.no_grad():
+            full = bb.encode_image_rows(x)
+            assert torch.equal(full, bb.encode_image(x))  # a large batch is encoded as it is
+            for bs in (1, 2, 3, 5, MIN_ROWS, 23):
+                parts = torch.cat([bb.encode_image_rows(x[s:s + bs]) for s in range(0, len(x), bs)])
+                assert torch.equal(parts, full), f"image batches of {bs}"
+            ref = bb.encode_texts(texts)
+            for bs in (1, 2, 3, 7):
+                assert torch.equal(bb.encode_texts(texts, chunk_size=bs), ref), f"text chunks of {bs}"
+        calls = []
+        out = pad_rows(lambda t: calls.append(t.shape[0]) or t * 2, torch.arange(3.0))
+        assert calls == [MIN_ROWS] and torch.equal(out, torch.tensor([0.0, 2.0, 4.0]))
+        assert pad_rows(lambda t: calls.append(t.shape[0]) or t, torch.zeros(0, 2)).shape == (0, 2)
+    finally:
+        torch.set_num_threads(before)

@@ -219,6 +219,22 @@ def test_cached_features_are_encoded_on_one_thread_whatever_the_runs_thread_coun
         torch.set_num_threads(before)
 
 
+def test_cached_features_do_not_depend_on_the_batch_size(tmp_path, small_random_backbone, monkeypatch):
+    """A cache key does not record the batch size, and torchrun splits the data over processes: a dataset's
+    features must be the same whatever batches it is cut into, the last short one included (batches of 1-3
+    rows take other matmul kernels on the CPU; `pad_rows`)."""
+    from gramvl.data.features import image_features
+    from gramvl.data.registry import get_dataset
+
+    monkeypatch.setenv("GRAMVL_HOME", str(tmp_path / "home"))
+    ds = get_dataset(f"folder:{make_folder(tmp_path / 'ds', per=5)}", "test")
+    n = len(ds)
+    feats = {bs: image_features(small_random_backbone, ds, batch_size=bs, progress=False, cache=False)[0]
+             for bs in (n, n - 1, 3, 2, 1)}
+    for bs, f in feats.items():
+        assert torch.equal(f, feats[n]), f"batches of {bs} (dataset of {n})"
+
+
 def test_cache_fill_map_keeps_order_raises_and_restores_the_thread_count():
     import random
     import time

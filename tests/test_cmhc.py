@@ -313,3 +313,70 @@ def test_hierarchy_cache_key_records_the_kmeans_backend(monkeypatch):
     monkeypatch.setattr(m, "_faiss", lambda: object())  # faiss importable: 'auto' now resolves to faiss
     assert hierarchy_cache_key("corpus", "cmhc", cfg) != torch_key
     assert hierarchy_cache_key("corpus", "cmhc", cfg) == hierarchy_cache_key("corpus", "cmhc", CMHCConfig())
+    key = hierarchy_cache_key("corpus", "cmhc", cfg)
+    monkeypatch.setattr(m, "CLUSTER_FILL", "another way")  # hierarchies clustered another way are not served
+    assert hierarchy_cache_key("corpus", "cmhc", cfg) != key
+
+
+@pytest.mark.parametrize("faiss", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not faiss_available(), reason="faiss not installed"))])
+def test_clustering_runs_on_one_thread_and_assigns_chunks_in_parallel(monkeypatch, faiss):
+    """A hierarchy is cached, so it must not depend on the run's thread count (float sums do): the clustering runs
+    on one intra-op thread (faiss's training too), and the k-means assignment passes use the run's threads as
+    that many chunks at once. The run's thread counts are restored afterwards."""
+    import threading
+
+    import gramvl.gram.cmhc as m
+    import gramvl.paths as paths
+
+    f, _, _, _ = planted(n_domains=3, n_classes=4, per_class=30)
+    cfg = CMHCConfig(k1=3, min_children=4, max_children=4, leaf_min_size=5, use_faiss=faiss, chunk=50)
+    seen: list[tuple[str, int, str]] = []
+    chunk, kmeanspp = m._Rows.chunk, m._kmeanspp
+
+    def spy_chunk(self, s, e):
+        seen.append(("chunk", torch.get_num_threads(), threading.current_thread().name))
+        run_threads.add(paths._RUN_THREADS)  # what cache_fill_map sizes its pool by inside `one_thread`
+        return chunk(self, s, e)
+
+    def spy_seed(*a):
+        seen.append(("seed", torch.get_num_threads(), threading.current_thread().name))
+        return kmeanspp(*a)
+
+    monkeypatch.setattr(m._Rows, "chunk", spy_chunk)
+    monkeypatch.setattr(m, "_kmeanspp", spy_seed)
+    before = torch.get_num_threads()
+    fs = m._faiss() if faiss else None
+    try:
+        out = {}
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            seen.clear()
+            run_threads: set = set()
+            omp = fs.omp_get_max_threads() if fs else None
+            out[threads] = cmhc(f, cfg)
+            assert fs is None or fs.omp_get_max_threads() == omp
+            assert torch.get_num_threads() == threads
+            assert {t for _, t, _ in seen} == {1}, seen
+            assert {w for w, _, _ in seen} == {"chunk", "seed"}
+            assert any(w == "chunk" and name != "MainThread" for w, _, name in seen)  # passes run in the pool ...
+            assert paths._RUN_THREADS is None and run_threads == {threads}  # ... with the run's count of workers
+        np.testing.assert_array_equal(out[1].leaf_of, out[2].leaf_of)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_cached_hierarchy_of_another_corpus_is_an_error(tmp_path, monkeypatch):
+    from gramvl.gram.pipeline import build_hierarchy, hierarchy_cache_key
+    from gramvl.paths import cache_dir
+
+    monkeypatch.setenv("GRAMVL_HOME", str(tmp_path))
+    cfg = CMHCConfig(k1=2, min_children=2, max_children=2, leaf_min_size=2, use_faiss=False)
+    a, _, _, _ = planted(n_domains=2, n_classes=2, per_class=10)
+    b, _, _, _ = planted(n_domains=2, n_classes=2, per_class=12)
+    a.key, b.key = "corpus-a", "corpus-b"
+    h = build_hierarchy(a, "cmhc", cfg, progress=False)
+    assert build_hierarchy(a, "cmhc", cfg, progress=False).n_pairs == h.n_pairs == len(a)  # served from the cache
+    h.save(cache_dir("cmhc") / f"{hierarchy_cache_key(b.key, 'cmhc', cfg)}.safetensors")  # a broken cache entry
+    with pytest.raises(GramvlError, match="built on another corpus"):
+        build_hierarchy(b, "cmhc", cfg, progress=False)

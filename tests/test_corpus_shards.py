@@ -109,8 +109,8 @@ def test_streaming_skips_and_counts_corrupt_images_and_missing_captions(shard_di
     assert not (shard_dir / "000000").exists()  # nothing extracted to disk
 
 
-def _sync_encode(bb, calls: list):
-    orig = bb.encode_image
+def _sync_encode(bb, calls: list):  # counts the rows of each batch that the extraction encodes
+    orig = bb.encode_image_rows
 
     def enc(x, *a, **k):
         calls.append(x.shape[0])
@@ -145,7 +145,7 @@ def test_extraction_writes_memmapped_shards_and_resumes_after_interruption(shard
     first = (out / "shard-000000.zI.npy").stat().st_mtime_ns
 
     calls: list[int] = []
-    monkeypatch.setattr(bb, "encode_image", _sync_encode(bb, calls))
+    monkeypatch.setattr(bb, "encode_image_rows", _sync_encode(bb, calls))
     feats = extract_shard_features(bb, str(shard_dir), out=out, batch_size=5, workers=0, progress=False)
     assert sum(calls) == 24  # shards 1 and 2 only: the finished shard 0 is not re-encoded
     assert (out / "shard-000000.zI.npy").stat().st_mtime_ns == first
@@ -274,3 +274,29 @@ def test_meta_train_from_a_shard_corpus(shard_dir, tmp_path, small_random_backbo
         bb2 = type(bb).__new__(type(bb))
         bb2.__dict__.update(bb.__dict__, ident="another-model")
         corpus_features(bb2, str(next((tmp_path / "home").rglob("manifest.json")).parent), progress=False)
+
+
+def test_a_shard_folder_records_how_it_was_encoded(tmp_path, shard_dir, small_random_backbone):
+    """Feature shards are a cache too: their key and every shard record name the encoding (`cache_fill_tag`),
+    so a folder, or a shard of a folder, encoded another way is neither served nor resumed."""
+    from gramvl.gram.shards import shard_corpus_key
+    from gramvl.paths import cache_fill_tag
+
+    src = [str(p) for p in sorted(shard_dir.glob("*.tar"))]
+    assert shard_corpus_key("m", src, "float16", "a") != shard_corpus_key("m", src, "float16", "b")
+    w = FeatureShardWriter(tmp_path / "f", "synthetic", 4, "float32", key="k", fill="a")
+    w.write(0, np.ones((2, 4)), np.ones((2, 4)), ["x", "y"], source="s.tar", source_size=1)
+    assert w.done(0, "s.tar", 1) is not None
+    assert FeatureShardWriter(tmp_path / "f", "synthetic", 4, "float32", key="k", fill="b").done(0, "s.tar", 1) is None
+
+    out = tmp_path / "feats"
+    with pytest.warns(UserWarning, match="skipped 3 pairs"):
+        extract_shard_features(small_random_backbone, str(shard_dir), out=out, workers=0, progress=False)
+    man = json.loads((out / "manifest.json").read_text())
+    fill = cache_fill_tag(small_random_backbone.device)
+    assert man["fill"] == fill and man["key"] == shard_corpus_key(small_random_backbone.ident, src, "float16", fill)
+    assert json.loads((out / "shard-000000.json").read_text())["fill"] == fill
+    man["key"], man["fill"] = "an-older-key", "cpu-threads-1"  # a folder extracted before the rows rule
+    (out / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(GramvlError, match="another corpus, backbone or encoding"):
+        extract_shard_features(small_random_backbone, str(shard_dir), out=out, workers=0, progress=False)

@@ -70,7 +70,7 @@ def _image_features(bb, ds, train_views, seed, batch_size, workers, cache, progr
     labels = torch.tensor(ds.labels, dtype=torch.long)
 
     def encode(batch):
-        return bb.encode_image(batch[0].to(bb.device)).float().cpu()
+        return bb.encode_image_rows(batch[0].to(bb.device)).float().cpu()
 
     # cache_fill_map: the same bytes whatever thread count the run uses
     if not train_views:

@@ -16,6 +16,7 @@ stays bounded and memory-mapped features work. The result is a `Hierarchy`, save
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -29,8 +30,10 @@ import torch.nn.functional as F
 from gramvl.errors import GramvlError
 from gramvl.gram.corpus import CorpusFeatures
 from gramvl.io import load_tensors, save_tensors
+from gramvl.paths import cache_fill_map, one_thread
 
 HIERARCHY_FORMAT = "gramvl.hierarchy/1"
+CLUSTER_FILL = "threads-1"  # how a hierarchy is computed (`_pinned`); part of its cache key
 CENTROID_KINDS = ("joint", "image", "text")
 
 
@@ -113,6 +116,18 @@ def _rows_from_array(x: np.ndarray) -> _Rows:
     return _Rows(x.shape[0], x.shape[1], lambda s, e: x[s:e], lambda p: x[p])
 
 
+def _pinned(fn):
+    """Run fn with torch on one intra-op thread (`one_thread`): the clustering, which is cached, is then the same
+    at any thread count. The k-means assignment passes still use the run's threads, one chunk per thread."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with one_thread():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _kmeanspp(x: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
     """Greedy k-means++ seeding on unit vectors (distance 1 - cos); deterministic given rng."""
     n = x.shape[0]
@@ -135,21 +150,29 @@ def _kmeanspp(x: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor
 
 
 def _assign_pass(rows: _Rows, c: torch.Tensor, chunk: int, want_sums: bool = True):
-    """Nearest centroid of every row; per-cluster sums (float64) and counts."""
+    """Nearest centroid of every row; per-cluster sums (float64) and counts. The chunks run on one intra-op thread
+    each, as many at once as the run has threads, and are summed in order (`cache_fill_map`): the same result at
+    any thread count."""
     k, dim = c.shape
     assign = np.empty(rows.n, dtype=np.int64)
     best = np.empty(rows.n, dtype=np.float32)
     sums = torch.zeros(k, dim, dtype=torch.float64)
-    for s in range(0, rows.n, chunk):
+
+    def nearest(s: int):
         x = rows.chunk(s, min(s + chunk, rows.n))
         b, a = (x @ c.T).max(1)
-        assign[s:s + len(a)] = a.numpy()
-        best[s:s + len(a)] = b.numpy()
+        part = None
         if want_sums:  # float32 per chunk (one-hot matmul for small k), accumulated in float64
             if k <= 256:
                 part = torch.zeros(len(a), k).scatter_(1, a[:, None], 1.0).T @ x
             else:
                 part = torch.zeros(k, dim).index_add_(0, a, x)
+        return s, a, b, part
+
+    for s, a, b, part in cache_fill_map(nearest, range(0, rows.n, chunk), "cpu"):
+        assign[s:s + len(a)] = a.numpy()
+        best[s:s + len(a)] = b.numpy()
+        if part is not None:
             sums += part.double()
     counts = np.bincount(assign, minlength=k)
     return assign, best, sums, counts
@@ -175,13 +198,18 @@ def _spherical_kmeans_rows(rows: _Rows, k: int, iters: int = 25, seed=0, tol: fl
             rows.take(np.sort(rng.choice(n, size=min(n, 256 * k), replace=False)))
         tn = np.ascontiguousarray(train.numpy(), dtype=np.float32)
         best_obj, c = -math.inf, None
-        for _ in range(max(1, n_init)):
-            km = fs.Kmeans(rows.dim, k, niter=iters, nredo=1, seed=int(rng.integers(2**31 - 1)),
-                           spherical=True, verbose=False, min_points_per_centroid=1,
-                           max_points_per_centroid=-(-len(tn) // k))
-            km.train(tn, init_centroids=_kmeanspp(train, k, rng).numpy())
-            if c is None or float(km.obj[-1]) > best_obj:  # spherical: sum of cosines, higher is better
-                best_obj, c = float(km.obj[-1]), np.asarray(km.centroids, dtype=np.float32).copy()
+        omp = fs.omp_get_max_threads()
+        fs.omp_set_num_threads(1)  # on the sample only; one thread, so the same centroids at any thread count
+        try:
+            for _ in range(max(1, n_init)):
+                km = fs.Kmeans(rows.dim, k, niter=iters, nredo=1, seed=int(rng.integers(2**31 - 1)),
+                               spherical=True, verbose=False, min_points_per_centroid=1,
+                               max_points_per_centroid=-(-len(tn) // k))
+                km.train(tn, init_centroids=_kmeanspp(train, k, rng).numpy())
+                if c is None or float(km.obj[-1]) > best_obj:  # spherical: sum of cosines, higher is better
+                    best_obj, c = float(km.obj[-1]), np.asarray(km.centroids, dtype=np.float32).copy()
+        finally:
+            fs.omp_set_num_threads(omp)
         c = F.normalize(torch.from_numpy(c), dim=1)
         assign, _, _, counts = _assign_pass(rows, c, chunk, want_sums=False)
         return assign, counts
@@ -214,6 +242,7 @@ def _lloyd(rows: _Rows, c: torch.Tensor, iters: int, tol: float,
     return assign, counts, float(best.astype(np.float64).sum())
 
 
+@_pinned
 def spherical_kmeans(x: np.ndarray | torch.Tensor, k: int, iters: int = 25, seed: int = 0,
                      use_faiss: bool | str = "auto", tol: float = 1e-4, chunk: int = 65536,
                      n_init: int = 3) -> np.ndarray:
@@ -676,6 +705,7 @@ def _tree_to_arrays(tree: list[tuple[int, np.ndarray, bool]], n: int) -> tuple[l
     return [p for p, _, _ in tree], leaf_of
 
 
+@_pinned
 def cmhc(features: CorpusFeatures, cfg: CMHCConfig | None = None, progress: bool = False) -> Hierarchy:
     """Cluster the corpus into domains and weakly labeled classes (SPEC 1.1, 1.6)."""
     from tqdm import tqdm
@@ -729,6 +759,7 @@ def _shape_of(like: Hierarchy | None, n_leaves: int | None, n_domains: int | Non
     return (n_leaves or cfg.k1 * per), (n_domains or cfg.k1)
 
 
+@_pinned
 def flat_clusters(features: CorpusFeatures, cfg: CMHCConfig | None = None, k: int | None = None,
                   n_domains: int | None = None, like: Hierarchy | None = None) -> Hierarchy:
     """Ablation: flat k-means into k leaves, dealt into random domains (the shape of `like` when given;
@@ -742,6 +773,7 @@ def flat_clusters(features: CorpusFeatures, cfg: CMHCConfig | None = None, k: in
     return _assemble(features, fx, parent, leaf_of, agr, thr, cfg, "flat")
 
 
+@_pinned
 def random_hierarchy(features: CorpusFeatures, cfg: CMHCConfig | None = None, n_domains: int | None = None,
                      n_leaves: int | None = None, like: Hierarchy | None = None) -> Hierarchy:
     """Ablation: a random partition of the filtered pairs (the shape and leaf sizes of `like` when given;

@@ -212,7 +212,7 @@ def encode_corpus(bb: Backbone, pairs: Sequence[dict], batch_size: int = 256, ca
     def encode(batch):
         s, x = batch
         e = s + x.shape[0]
-        return (s, e, bb.encode_image(x.to(bb.device)).float().cpu().numpy(),
+        return (s, e, bb.encode_image_rows(x.to(bb.device)).float().cpu().numpy(),
                 bb.encode_texts(captions[s:e]).float().cpu().numpy())
 
     with _atomic_npy(target / "zI.npy", (n, d)) as zI, _atomic_npy(target / "zT.npy", (n, d)) as zT:

@@ -72,12 +72,13 @@ def load_pairs(corpus: str) -> list[dict]:
 
 
 def hierarchy_cache_key(corpus_key: str, kind: str, cfg: CMHCConfig) -> str:
-    """Cache key of a hierarchy: corpus, kind, config and the k-means backend that use_faiss resolves to
-    (faiss and torch k-means give different clusterings, so one must never be served for the other)."""
-    from gramvl.gram.cmhc import faiss_available
+    """Cache key of a hierarchy: corpus, kind, config, the k-means backend that use_faiss resolves to (faiss and
+    torch k-means give different clusterings, so one must never be served for the other) and how the clustering
+    runs (`CLUSTER_FILL`: one intra-op thread, so hierarchies cached before that rule are not served)."""
+    from gramvl.gram.cmhc import CLUSTER_FILL, faiss_available
 
     backend = "faiss" if cfg.use_faiss is True or (cfg.use_faiss == "auto" and faiss_available()) else "torch"
-    blob = json.dumps([corpus_key, kind, asdict(cfg), backend], default=str)
+    blob = json.dumps([corpus_key, kind, asdict(cfg), backend, CLUSTER_FILL], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -87,7 +88,9 @@ def build_hierarchy(feats: CorpusFeatures, kind: str, cfg: CMHCConfig, progress:
         raise GramvlError(f"unknown hierarchy {kind!r}; choose one of {', '.join(HIERARCHIES)}")
     path = cache_dir("cmhc") / f"{hierarchy_cache_key(feats.key, kind, cfg)}.safetensors"
     if feats.key and path.is_file():
-        return Hierarchy.load(path)
+        h = Hierarchy.load(path)
+        h.check_corpus(feats)  # a cached hierarchy of another corpus under this key is an error, not a wrong run
+        return h
     if kind == "cmhc":
         h = cmhc(feats, cfg, progress=progress)
     elif kind == "flat":

@@ -37,7 +37,7 @@ import torch
 from gramvl.errors import GramvlError
 from gramvl.gram.corpus import CorpusFeatures
 from gramvl.io import write_json
-from gramvl.paths import cache_dir, cache_fill_map
+from gramvl.paths import cache_dir, cache_fill_map, cache_fill_tag
 
 if TYPE_CHECKING:
     from gramvl.backbone import Backbone
@@ -264,13 +264,14 @@ class FeatureShardWriter:
     """Writes feature shards and the manifest of one corpus folder; knows which shards are finished."""
 
     def __init__(self, folder: str | Path, ident: str, dim: int, dtype: str = "float16", key: str = "",
-                 sources: Sequence[str] = ()):
+                 sources: Sequence[str] = (), fill: str = ""):
         if dtype not in DTYPES:
             raise GramvlError(f"feature dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.ident, self.dim, self.dtype, self.key = ident, int(dim), dtype, key
         self.sources = [str(s) for s in sources]
+        self.fill = fill  # how the features were encoded (`cache_fill_tag`); a shard of another fill is redone
 
     @staticmethod
     def stem(i: int) -> str:
@@ -287,6 +288,7 @@ class FeatureShardWriter:
         except (OSError, ValueError):
             return None
         ok = (meta.get("format") == SHARDS_FORMAT and meta.get("source", "") == source
+              and meta.get("fill", "") == self.fill
               and (source_size is None or meta.get("source_size") == source_size)
               and all(s == (meta["n"], self.dim) for s in shapes))
         return meta if ok else None
@@ -300,7 +302,7 @@ class FeatureShardWriter:
             raise GramvlError(f"shard {i}: features {zI.shape}/{zT.shape} do not match {n} captions x {self.dim}")
         for name, z in (("zI", zI), ("zT", zT)):
             _atomic_save_npy(self.folder / f"{self.stem(i)}.{name}.npy", _normalized(z, self.dtype))
-        meta = {"format": SHARDS_FORMAT, "n": n, "source": source, "source_size": source_size,
+        meta = {"format": SHARDS_FORMAT, "n": n, "source": source, "source_size": source_size, "fill": self.fill,
                 "skipped": skipped or {}, "captions": list(captions), "paths": list(paths)}
         write_json(self.folder / f"{self.stem(i)}.json", meta)
         return meta
@@ -311,8 +313,8 @@ class FeatureShardWriter:
             for k, v in (s.get("skipped") or {}).items():
                 skipped[k] = skipped.get(k, 0) + int(v)
         write_json(self.folder / "manifest.json",
-                   {"format": SHARDS_FORMAT, "ident": self.ident, "key": self.key, "dim": self.dim,
-                    "dtype": self.dtype, "complete": complete, "n": int(sum(s["n"] for s in shards)),
+                   {"format": SHARDS_FORMAT, "ident": self.ident, "key": self.key, "fill": self.fill,
+                    "dim": self.dim, "dtype": self.dtype, "complete": complete, "n": int(sum(s["n"] for s in shards)),
                     "sources": self.sources, "skipped": skipped,
                     "shards": [{"file": s["file"], "n": s["n"], "source": s.get("source", "")} for s in shards]})
 
@@ -356,9 +358,10 @@ def load_feature_shards(folder: str | Path, mmap: bool = True) -> CorpusFeatures
                           man.get("key", ""))
 
 
-def shard_corpus_key(ident: str, shards: Sequence[str], dtype: str) -> str:
-    """Cache key of a shard corpus: backbone ident, dtype, and each shard's absolute path and size."""
-    h = hashlib.sha256(f"{SHARDS_FORMAT}\n{ident}\n{dtype}\n".encode())
+def shard_corpus_key(ident: str, shards: Sequence[str], dtype: str, fill: str) -> str:
+    """Cache key of a shard corpus: backbone ident, dtype, how it is encoded (`cache_fill_tag`), and each shard's
+    absolute path and size."""
+    h = hashlib.sha256(f"{SHARDS_FORMAT}\n{ident}\n{dtype}\n{fill}\n".encode())
     for s in shards:
         h.update(f"{os.path.abspath(s)}\t{os.path.getsize(s)}\n".encode())
     return h.hexdigest()[:24]
@@ -398,7 +401,8 @@ def extract_shard_features(bb: Backbone, spec: str, out: str | Path | None = Non
 
     sources = expand_shards(spec)
     _webdataset()  # fail early, before any work, when the package is missing
-    key = shard_corpus_key(bb.ident, sources, dtype)
+    fill = cache_fill_tag(bb.device)
+    key = shard_corpus_key(bb.ident, sources, dtype, fill)
     folder = Path(out) if out is not None else cache_dir("corpus") / key
     man_path = folder / "manifest.json"
     if man_path.is_file():
@@ -409,9 +413,10 @@ def extract_shard_features(bb: Backbone, spec: str, out: str | Path | None = Non
         if man.get("complete") and man.get("key") == key:
             return load_feature_shards(folder)
         if man.get("key") not in (None, key):
-            raise GramvlError(f"{folder} holds features of another corpus or backbone (key {man.get('key')}, "
-                              f"expected {key}); choose another output folder")
-    writer = FeatureShardWriter(folder, bb.ident, bb.embed_dim, dtype, key, sources)
+            raise GramvlError(f"{folder} holds features of another corpus, backbone or encoding (key "
+                              f"{man.get('key')}, fill {man.get('fill', 'not recorded')!r}; expected {key}, fill "
+                              f"{fill!r}); choose another output folder")
+    writer = FeatureShardWriter(folder, bb.ident, bb.embed_dim, dtype, key, sources, fill)
     sizes = [os.path.getsize(s) for s in sources]
     records: dict[int, dict] = {}
     for i, s in enumerate(sources):
@@ -439,7 +444,7 @@ def extract_shard_features(bb: Backbone, spec: str, out: str | Path | None = Non
             if item[0] != "batch":
                 return item
             _, i, x, caps, members = item
-            return ("batch", i, bb.encode_image(x.to(bb.device)).float().cpu().numpy(),
+            return ("batch", i, bb.encode_image_rows(x.to(bb.device)).float().cpu().numpy(),
                     bb.encode_texts(list(caps)).float().cpu().numpy(), caps, members)
 
         for item in cache_fill_map(encode, loader, bb.device):  # in order; the same bytes at any thread count

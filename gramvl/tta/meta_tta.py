@@ -177,7 +177,7 @@ class ViewFeatureCache:
         def encode(item):
             part, views = item
             flat = views.flatten(0, 1).to(self.bb.device, self.bb.dtype)
-            return part, self.bb.encode_image(flat).float().cpu().view(len(part), self.views, -1)
+            return part, self.bb.encode_image_rows(flat).float().cpu().view(len(part), self.views, -1)
 
         for part, f in cache_fill_map(encode, parts(), self.bb.device):  # the same bytes at any thread count
             self.feats[part] = f.numpy().astype(np.float16)
