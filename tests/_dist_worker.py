@@ -99,6 +99,12 @@ def run_all(out: Path, root: Path) -> None:
     recipe = Recipe(epochs=2, lr=0.5, batch_size=7, train_views=2, warmup_epochs=0)
     work = out / "runs"
 
+    # test-transform features, encoded in per-rank shards under torchrun (9 images: batches of 4 + 1 on rank 0 and
+    # 4 on rank 1, against 4 + 4 + 1 in one process)
+    from gramvl.data.features import image_features
+
+    res["features.test"] = image_features(bb, test, batch_size=4, progress=False, cache=False)[0]
+
     # CoOp (frozen image side, cached feature views); global batch 7 over 15 images -> slices of 4 and 3
     host = build_host("coop", bb, train.classnames, {"n_ctx": 4, "ctx_init": ""})
     info, hist = trained(host, bb, train, recipe)

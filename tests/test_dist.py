@@ -77,6 +77,14 @@ def test_visual_prompts_with_images_through_the_encoder_equal_single_process(run
     _same(runs, "vpt.vis_ctx")
 
 
+def test_features_encoded_in_per_rank_shards_equal_single_process_bit_for_bit(runs):
+    # every batch is encoded on at least MIN_ROWS rows, so a row's bytes do not depend on which process's share,
+    # or which short last batch, it falls in (at one thread, as every worker here runs)
+    a, b = runs["single"]["tensors"]["features.test"], runs["ddp"]["tensors"]["features.test"]
+    assert a.shape == b.shape == (9, a.shape[1])
+    assert torch.equal(a, b), f"rows differing: {(a != b).any(1).nonzero().flatten().tolist()}"
+
+
 def test_gathered_predictions_equal_single_process_predictions(runs):
     for host in ("coop", "vpt"):
         assert torch.equal(runs["single"]["tensors"][f"{host}.labels"], runs["ddp"]["tensors"][f"{host}.labels"])
