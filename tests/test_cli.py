@@ -48,6 +48,7 @@ def test_zeroshot_on_a_folder_dataset_writes_the_record(tmp_path, capsys, small_
     assert 0.0 <= rec["metrics"]["accuracy"] <= 1.0 and rec["metrics"]["num_classes"] == 2
     assert set(rec) >= {"metrics", "config", "versions", "seconds"}
     assert rec["versions"]["torch"] == torch.__version__
+    assert rec["environment"]["threads"] == torch.get_num_threads() and rec["environment"]["cpu"]
 
 
 def test_unknown_dataset_is_one_clear_error(capsys):

@@ -263,6 +263,8 @@ def test_meta_train_from_a_shard_corpus(shard_dir, tmp_path, small_random_backbo
     t, meta = load_tensors(out)
     assert meta["steps_done"] == 2 and meta["pairs"] == 36 and torch.isfinite(t["theta.text_ctx"]).all()
     assert meta["kmeans_backend"] == "torch"  # use_faiss=False: recorded, since the backends cluster differently
+    env = meta["environment"]  # the artifact's last bits depend on the CPU and the thread count: both recorded
+    assert env["threads"] == torch.get_num_threads() and env["cpu"] and env["torch"] == torch.__version__
     # the same features are found in the cache; visual hosts read images back from the shards by reference
     feats = corpus_features(bb, job.corpus, progress=False)
     data = shard_batches(feats, bb, need_images=True)

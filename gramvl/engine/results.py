@@ -36,6 +36,25 @@ def versions() -> dict:
             "python": platform.python_version(), "git_commit": git_commit()}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (results on the CPU depend on it in the last bits), or the platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """What a result depends on beyond its config: the versions, the CPU and the intra-op thread count (float
+    sums, and so meta-trained artifacts, differ between CPUs and thread counts; docs/method.md)."""
+    import torch
+
+    return {**versions(), "threads": torch.get_num_threads(), "cpu": cpu_model()}
+
+
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
@@ -47,7 +66,7 @@ def git_commit() -> str | None:
 
 
 def make_record(kind: str, config: dict, metrics: dict, seconds: float, **extra) -> dict:
-    return {"kind": kind, "config": config, "metrics": metrics, "versions": versions(),
+    return {"kind": kind, "config": config, "metrics": metrics, "versions": versions(), "environment": environment(),
             "seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **extra}
 

@@ -80,8 +80,10 @@ def resume_checkpoint(ckpt: Path, cfg, theta: dict[str, torch.Tensor], psi,
 
 def run_fingerprint(backbone_ident: str, extra_meta: dict | None) -> dict:
     """What a checkpoint must share with a run to be resumed by it: the backbone and the artifact's data
-    metadata (corpus, its feature digest, hierarchy, task and CMHC settings), not the timings."""
-    return {"backbone": backbone_ident, **{k: v for k, v in (extra_meta or {}).items() if k != "timing"}}
+    metadata (corpus, its feature digest, hierarchy, task and CMHC settings), not the timings or the
+    environment (a run may resume on another thread count or machine)."""
+    return {"backbone": backbone_ident,
+            **{k: v for k, v in (extra_meta or {}).items() if k not in ("timing", "environment")}}
 
 
 def save_checkpoint(path: Path, theta: dict[str, torch.Tensor], psi, cfg, step: int, seconds: float,

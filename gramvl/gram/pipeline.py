@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gramvl.backbone import Backbone
+from gramvl.engine.results import environment
 from gramvl.errors import GramvlError
 from gramvl.gram.cmhc import CMHCConfig, Hierarchy, cmhc, faiss_available
 from gramvl.gram.corpus import CorpusFeatures, encode_corpus
@@ -160,5 +161,8 @@ def run_meta_train(job: MetaTrainJob, out: str | Path, bb: Backbone | None = Non
              # which k-means ran (use_faiss='auto' picks faiss when importable): the two give different
              # hierarchies, hence different meta-tasks and artifacts
              "kmeans_backend": "faiss" if job.cmhc.use_faiss is not False and faiss_available() else "torch",
-             "timing": {"features_s": round(t_feat, 1), "clustering_s": round(t_clu, 1)}}
+             "timing": {"features_s": round(t_feat, 1), "clustering_s": round(t_clu, 1)},
+             # the run's torch, CPU and thread count: the artifact's last bits depend on them (a resumed run
+             # records the environment of the leg that finished it)
+             "environment": environment()}
     return meta_train(job.meta, host, sampler, data, out, extra_meta=extra, progress=progress)
