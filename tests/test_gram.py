@@ -305,11 +305,11 @@ def test_packaged_artifact_is_the_default_recipe_on_the_packaged_clip(small_pack
     assert theta["text_ctx"].shape[-1] == small_packaged.text_width
     # made by `gramvl meta-train --host coop` with today's defaults (docs/method.md), all 600 steps
     expected = json.loads(json.dumps(asdict(MetaConfig(host="coop")), default=str))
-    # options added after an artifact was made, whose default is "off" (the run behaved as they do now)
-    added_later = {"theta_anchor": 0.0}
-    missing = {k: v for k, v in expected.items() if k not in meta["config"]}
-    assert missing.items() <= added_later.items()
-    assert meta["config"] == {k: v for k, v in expected.items() if k not in missing}
+    # options added after the artifact was made, and the value its run behaved as: today's default, except that it
+    # ran before session 16's task-parallel CPU mode (its 2 threads inside each op)
+    added_later = {"theta_anchor": 0.0, "cpu_parallel": "intra-op"}
+    missing = {k: added_later[k] for k in expected if k not in meta["config"]}  # a KeyError: an unexplained field
+    assert {**meta["config"], **missing} == {**expected, "cpu_parallel": "intra-op"}
     assert meta["steps_done"] == meta["config"]["steps"]
     # the default norm cap held: no row of θ* is longer than 1.5 x a word of this model
     assert theta["text_ctx"].norm(dim=-1).max() <= 1.5 * token_norm(small_packaged) * (1 + 1e-3)
@@ -391,3 +391,59 @@ def test_default_artifact_follows_the_packaged_model():
     for file, name in (("gram_coop.json", "small-v1"), ("gram_coop_v2.json", "small-v2")):
         old = json.loads((assets_dir() / file).read_text())
         assert old["backbone"] == small_model_ident(name) != small_model_ident()
+
+
+def test_meta_training_gives_the_same_artifact_at_any_thread_count(tmp_path, small_random_backbone):
+    """On the CPU the tasks of a meta-batch run at once, one intra-op thread each, each on its own copy of the
+    host (a task sets class names and swaps slots), and their gradients are summed in task order: the artifact is
+    the same bit for bit at 1 and 2 threads, and the same as one task after another at one thread ('intra-op',
+    the loop before session 16)."""
+    import threading
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from gramvl.prompts import build_host
+
+    bb = small_random_backbone
+    words = ["cat", "dog", "car", "tree", "boat", "cup", "fish", "star"]
+
+    class Sampler:  # every task has its own class names
+        def sample(self, rng):
+            idx, names = rng.permutation(60), list(rng.choice(words, 3, replace=False))
+            return SimpleNamespace(classnames=names, support_idx=idx[:6], support_labels=[0, 1, 2] * 2,
+                                   query_idx=idx[6:12], query_labels=[0, 1, 2] * 2, shift_idx=None)
+
+    seen = set()
+
+    class Batches(CorpusBatches):
+        def batch(self, idx):
+            seen.add((threading.current_thread().name, torch.get_num_threads()))
+            return super().batch(idx)
+
+    feats = torch.nn.functional.normalize(torch.randn(60, bb.embed_dim, generator=torch.Generator().manual_seed(3)),
+                                          dim=-1)
+    cfg = MetaConfig(host="coop", steps=3, meta_batch=4, checkpoint_every=100, host_cfg={"n_ctx": 2})
+    before = torch.get_num_threads()
+    arts = {}
+    try:
+        for mode, threads in (("tasks", 2), ("tasks", 1), ("intra-op", 1)):
+            torch.set_num_threads(threads)
+            seen.clear()
+            host = build_host("coop", bb, words[:3], cfg.host_cfg)
+            out = meta_train(replace(cfg, cpu_parallel=mode), host, Sampler(), Batches(feats),
+                             tmp_path / f"{mode}_{threads}.safetensors", progress=False)
+            arts[mode, threads] = load_file(str(out))
+            assert torch.get_num_threads() == threads
+            assert {t for _, t in seen} == {1}  # every task on one intra-op thread
+            if threads == 2:
+                assert len({name for name, _ in seen}) >= 2  # tasks ran in more than one thread
+    finally:
+        torch.set_num_threads(before)
+    ref = arts["tasks", 1]
+    assert not torch.equal(ref["theta.text_ctx"], build_host("coop", bb, words[:3], cfg.host_cfg).text_ctx)
+    for key, art in arts.items():
+        assert art.keys() == ref.keys() and all(torch.equal(art[k], ref[k]) for k in ref), key
+    with pytest.raises(GramvlError, match="cpu_parallel must be one of"):
+        meta_train(replace(cfg, cpu_parallel="threads"), build_host("coop", bb, words[:3], cfg.host_cfg), Sampler(),
+                   Batches(feats), tmp_path / "bad.safetensors", progress=False)

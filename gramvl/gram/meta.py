@@ -9,6 +9,11 @@ never cloned. Second order (exact) or first order (the inner gradient is treated
 receives its exact gradient through ψ). Frozen-image hosts read cached corpus features; visual-prompt hosts
 read preprocessed corpus images.
 
+On the CPU in one process the meta-batch is task-parallel too (`MetaConfig.cpu_parallel`, default "tasks"): its
+tasks run at once in threads, one intra-op thread and one copy of the host each, and their outer gradients are
+summed in task order, so the artifact is the same bit for bit at any thread count (and the same as the serial loop
+at one thread).
+
 Under torchrun the meta-batch is task-parallel: every rank draws the same task sequence and computes the
 outer gradients (θ and φ) of its share of the meta_batch tasks; the per-task gradients are gathered and
 summed in task order before clipping and Adam, exactly as one process accumulates them, so every rank takes
@@ -19,6 +24,8 @@ the artifact.
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +40,11 @@ from gramvl.errors import GramvlError
 from gramvl.gram.loop import OuterLoop, run_fingerprint, slot_tensors
 from gramvl.gram.regulator import RegulatorSet, modality_of
 from gramvl.io import save_tensors, write_json
+from gramvl.paths import cache_fill_map, one_thread
 from gramvl.prompts.base import PromptLearner
 
 ARTIFACT_FORMAT = "gramvl-gram-artifact"
+CPU_PARALLEL = ("tasks", "intra-op")
 
 
 @dataclass
@@ -71,6 +80,14 @@ class MetaConfig:
     checkpoint_every: int = 50
     seed: int = 0
     host_cfg: dict[str, Any] = field(default_factory=dict)  # overrides of the host's paper defaults
+    # how a CPU run uses its threads. "tasks": the meta-batch's tasks run at once, one intra-op thread each, and
+    # their gradients are summed in task order, so the artifact is the same bit for bit at any thread count
+    # (session 16; for the demo's recipe 1.76 times faster than "intra-op" at 2 threads, and as fast at 1,
+    # docs/results/meta_threads.md)
+    # "intra-op": one task after another, each op on the run's threads, as before session 16 (the artifact's last
+    # bits, which meta-training amplifies, depend on the thread count; it may be faster with many cores and
+    # few tasks per meta-batch). Off the CPU, and under torchrun, tasks run one after another in each process.
+    cpu_parallel: str = "tasks"
 
 
 # ----------------------------------------------------------------------------------------- data access
@@ -213,7 +230,13 @@ def meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatche
     # second-order gradients need double backward through attention: only the math SDPA kernel has it
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.MATH]):
+    # on the CPU every task runs on one intra-op thread (several tasks at once on the run's threads) and the rest
+    # of the loop on one thread too: the artifact is then the same, bit for bit, at any thread count
+    if cfg.cpu_parallel not in CPU_PARALLEL:
+        raise GramvlError(f"meta.cpu_parallel must be one of {', '.join(CPU_PARALLEL)}, not {cfg.cpu_parallel!r}")
+    tasks = cfg.cpu_parallel == "tasks" and torch.device(_device(host)).type == "cpu"
+    pinned = one_thread() if tasks else nullcontext()
+    with sdpa_kernel([SDPBackend.MATH]), pinned:
         return _meta_train(cfg, host, sampler, data, out, extra_meta, progress)
 
 
@@ -249,44 +272,35 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     # the anchor is the host's initial context (also on resume: host.slots() are never trained here)
     anchor = {n: slots[n].detach().clone() for n in names if modality_of(n) == "text"}
     radius = cfg.theta_anchor * token_norm(host.bb) if cfg.theta_anchor > 0 else None
+    pool = _HostPool(host, cfg.meta_batch if cfg.cpu_parallel == "tasks" else 1)
     for step in loop.steps():
         opt_t.zero_grad(set_to_none=True)
         if opt_p:
             opt_p.zero_grad(set_to_none=True)
         rec = loop.new_record()
-        mine: list[tuple[tuple, dict]] = []  # under torchrun: this rank's tasks (gradients, record terms)
-        for i in range(cfg.meta_batch):
-            task = sampler.sample(loop.rng)  # every rank draws every task: the same sequence on all ranks
-            if i % dist.world() != dist.rank():
-                continue
-            sup = data.batch(task.support_idx)
-            qry = data.batch(task.query_idx)
-            ys = torch.as_tensor(task.support_labels, dtype=torch.long, device=device)
-            yq = torch.as_tensor(task.query_labels, dtype=torch.long, device=device)
-            host.set_classnames(task.classnames)
-            adapted = inner_adapt(host, theta, psi, sup, ys, paths, cfg.inner_steps, cfg.inner_lr,
-                                  cfg.second_order)
-            lq, lg = task_loss(host, adapted, qry, yq, paths)
-            with torch.set_grad_enabled(cfg.pre_weight > 0):
-                lpre, pre = task_loss(host, theta, qry, yq, paths)
-            terms = {"pre_acc": _acc(pre, yq) / cfg.meta_batch, "post_acc": _acc(lg, yq) / cfg.meta_batch}
-            loss = lq + cfg.pre_weight * lpre if cfg.pre_weight > 0 else lq
-            if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
-                host.set_classnames(task.classnames_shift)
-                ysh = torch.as_tensor(task.shift_labels, dtype=torch.long, device=device)
-                lsh, lgs = task_loss(host, adapted, data.batch(task.shift_idx), ysh, paths)
-                loss = loss + cfg.shifted_weight * lsh
-                terms["shift_acc"] = _acc(lgs, ysh) / cfg.meta_batch
-            terms["loss"] = loss.item() / cfg.meta_batch
-            if dist.active():
-                mine.append((torch.autograd.grad(loss / cfg.meta_batch, _outer(theta, psi), allow_unused=True),
-                             terms))
-                continue
-            (loss / cfg.meta_batch).backward()
-            for k, v in terms.items():
-                rec[k] += v
-        if dist.active():
+        # every rank draws every task: the same sequence on all ranks
+        tasks = [sampler.sample(loop.rng) for _ in range(cfg.meta_batch)]
+
+        def task(item):
+            i, t = item
+            with pool.host() as h:
+                loss, terms = _task_loss(h, theta, psi, t, data, cfg, paths, device)
+                return torch.autograd.grad(loss / cfg.meta_batch, _outer(theta, psi), allow_unused=True), terms
+
+        if dist.active():  # this rank's share of the tasks, summed over the ranks in task order
+            mine = [task(it) for it in enumerate(tasks) if it[0] % dist.world() == dist.rank()]
             _accumulate_in_task_order(_outer(theta, psi), mine, cfg.meta_batch, rec)
+        elif pool.parallel:  # tasks at once on the run's threads, one intra-op thread each, summed in task order
+            for grads, terms in cache_fill_map(task, enumerate(tasks), device):
+                _add_grads(_outer(theta, psi), grads)
+                for k, v in terms.items():
+                    rec[k] += v
+        else:
+            for t in tasks:
+                loss, terms = _task_loss(host, theta, psi, t, data, cfg, paths, device)
+                (loss / cfg.meta_batch).backward()
+                for k, v in terms.items():
+                    rec[k] += v
         outer_update(list(theta.values()), opt_t, psi, opt_p, cfg.grad_clip)
         if cap is not None:
             cap_text_rows(theta, cap)
@@ -312,6 +326,75 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     write_json(out.with_name(out.stem + ".history.json"), loop.history)
     dist.barrier()
     return out
+
+
+def _task_loss(host: PromptLearner, theta: dict, psi, task, data: CorpusBatches, cfg: MetaConfig,
+               paths: dict[str, str], device) -> tuple[torch.Tensor, dict]:
+    """One meta-task: adapt θ on its support set, and return its outer loss and record terms."""
+    sup = data.batch(task.support_idx)
+    qry = data.batch(task.query_idx)
+    ys = torch.as_tensor(task.support_labels, dtype=torch.long, device=device)
+    yq = torch.as_tensor(task.query_labels, dtype=torch.long, device=device)
+    host.set_classnames(task.classnames)
+    adapted = inner_adapt(host, theta, psi, sup, ys, paths, cfg.inner_steps, cfg.inner_lr, cfg.second_order)
+    lq, lg = task_loss(host, adapted, qry, yq, paths)
+    with torch.set_grad_enabled(cfg.pre_weight > 0):
+        lpre, pre = task_loss(host, theta, qry, yq, paths)
+    terms = {"pre_acc": _acc(pre, yq) / cfg.meta_batch, "post_acc": _acc(lg, yq) / cfg.meta_batch}
+    loss = lq + cfg.pre_weight * lpre if cfg.pre_weight > 0 else lq
+    if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
+        host.set_classnames(task.classnames_shift)
+        ysh = torch.as_tensor(task.shift_labels, dtype=torch.long, device=device)
+        lsh, lgs = task_loss(host, adapted, data.batch(task.shift_idx), ysh, paths)
+        loss = loss + cfg.shifted_weight * lsh
+        terms["shift_acc"] = _acc(lgs, ysh) / cfg.meta_batch
+    terms["loss"] = loss.item() / cfg.meta_batch
+    return loss, terms
+
+
+class _HostPool:
+    """Copies of the host (sharing its backbone) for meta-tasks run at once in threads: a task sets the host's
+    class names and swaps its slots (`functional_call`), so concurrent tasks need a host each. Parallel only on
+    the CPU, in one process, with more than one task per meta-batch and more than one thread to run them on."""
+
+    def __init__(self, host: PromptLearner, meta_batch: int):
+        import queue
+
+        from gramvl import paths as run
+
+        threads = run._RUN_THREADS or torch.get_num_threads()
+        self.parallel = (torch.device(_device(host)).type == "cpu" and not dist.active() and meta_batch > 1
+                         and threads > 1)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._free.put(host)
+        for _ in range(min(threads, meta_batch) - 1 if self.parallel else 0):
+            self._free.put(_host_copy(host))
+
+    @contextmanager
+    def host(self):
+        h = self._free.get()  # never waits: there are as many hosts as tasks that run at once
+        try:
+            yield h
+        finally:
+            self._free.put(h)
+
+
+def _host_copy(host: PromptLearner) -> PromptLearner:
+    """A deep copy of the host that shares the backbone (and its weights) with it."""
+    bb = host.bb
+    shared = [bb, *bb.parameters(), *bb.buffers(), *bb.modules()] if isinstance(bb, torch.nn.Module) else [bb]
+    return copy.deepcopy(host, {id(t): t for t in shared})
+
+
+def _add_grads(params: list[torch.Tensor], grads) -> None:
+    """Add one task's outer gradients into .grad, as backward() accumulates them."""
+    for p, g in zip(params, grads, strict=True):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad += g
 
 
 def _outer(theta: dict, psi) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ import os
 import re
 import tarfile
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -488,6 +489,7 @@ class ShardImages:
 
     def __init__(self):
         self._open: dict[str, tarfile.TarFile] = {}
+        self._lock = threading.Lock()  # meta-tasks may run in threads; an open tar file is read one at a time
 
     def load(self, ref: str):
         from PIL import Image
@@ -495,17 +497,20 @@ class ShardImages:
         source, _, member = ref.rpartition("#")
         if not source:
             raise GramvlError(f"not a shard image reference (<shard>#<member>): {ref}")
-        tf = self._open.get(source)
-        if tf is None:
-            try:
-                tf = self._open[source] = tarfile.open(source, "r:*")
-            except (OSError, tarfile.TarError) as e:
-                raise GramvlError(f"cannot open shard {source} ({e})") from e
+        with self._lock:
+            tf = self._open.get(source)
+            if tf is None:
+                try:
+                    tf = self._open[source] = tarfile.open(source, "r:*")
+                except (OSError, tarfile.TarError) as e:
+                    raise GramvlError(f"cannot open shard {source} ({e})") from e
         try:
-            f = tf.extractfile(member)
-            if f is None:
-                raise KeyError(member)
-            with Image.open(io.BytesIO(f.read())) as im:
+            with self._lock:
+                f = tf.extractfile(member)
+                if f is None:
+                    raise KeyError(member)
+                raw = f.read()
+            with Image.open(io.BytesIO(raw)) as im:
                 im.load()
                 return im.convert("RGB")
         except KeyError as e:
