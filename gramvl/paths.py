@@ -73,7 +73,7 @@ def cache_fill_map(fn: Callable[[T], R], items: Iterable[T], device) -> Iterator
         with torch.set_grad_enabled(grad):
             return fn(item)
 
-    workers = max(1, _RUN_THREADS or torch.get_num_threads())
+    workers = run_threads()
     prior = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -87,6 +87,13 @@ def cache_fill_map(fn: Callable[[T], R], items: Iterable[T], device) -> Iterator
                 yield pending.popleft().result()
     finally:
         torch.set_num_threads(prior)
+
+
+def run_threads() -> int:
+    """The run's CPU thread count: torch's, or inside `one_thread` the count from before it."""
+    import torch
+
+    return max(1, _RUN_THREADS or torch.get_num_threads())
 
 
 @contextmanager

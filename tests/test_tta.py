@@ -304,6 +304,47 @@ def test_meta_training_for_test_time_writes_a_structured_artifact_tpt_uses(small
         gram_init(bb, out)
 
 
+def test_meta_training_for_test_time_gives_the_same_artifact_at_any_thread_count(small_random_backbone, tmp_path):
+    """As `gramvl meta-train`: on the CPU the tasks run at once, one intra-op thread each, summed in task order, so
+    the artifact is the same bit for bit at 1 and 2 threads and equal to the one-after-another loop at one
+    thread; the view features are still read (and cached) in the calling thread, outside the tasks."""
+    import threading
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from gramvl.tta.meta_tta import MetaTTAConfig, ViewFeatureCache, meta_train_tta
+
+    bb = small_random_backbone
+    paths = _write_images(tmp_path / "corpus", 8)
+    protos = _feats(1, 4, bb.embed_dim, seed=4)[0]
+    cfg = MetaTTAConfig(steps=3, meta_batch=3, views=6, selection=0.34, outer_lr_phi=0.05, rank=4)
+    reads = set()
+
+    class Views(ViewFeatureCache):
+        def get(self, idx):
+            reads.add(threading.current_thread().name)
+            return super().get(idx)
+
+    before = torch.get_num_threads()
+    arts = {}
+    try:
+        for mode, threads in (("tasks", 2), ("tasks", 1), ("intra-op", 1)):
+            torch.set_num_threads(threads)
+            views = Views(bb, paths, views=6, cache=False)
+            out = meta_train_tta(replace(cfg, cpu_parallel=mode), bb, _ToySampler(), views,
+                                 tmp_path / f"{mode}_{threads}.safetensors", protos, progress=False)
+            arts[mode, threads] = load_file(str(out))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert reads == {threading.main_thread().name}
+    ref = arts["tasks", 1]
+    assert not torch.equal(ref["theta.text_ctx"], hand_init(bb).ctx)
+    for key, art in arts.items():
+        assert art.keys() == ref.keys() and all(torch.equal(art[k], ref[k]) for k in ref), key
+
+
 def test_test_time_descent_guard_travels_with_the_artifact(small_random_backbone, tmp_path):
     from gramvl.tta.meta_tta import MetaTTAConfig, ViewFeatureCache, meta_train_tta
 

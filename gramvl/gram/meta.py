@@ -40,7 +40,7 @@ from gramvl.errors import GramvlError
 from gramvl.gram.loop import OuterLoop, run_fingerprint, slot_tensors
 from gramvl.gram.regulator import RegulatorSet, modality_of
 from gramvl.io import save_tensors, write_json
-from gramvl.paths import cache_fill_map, one_thread
+from gramvl.paths import cache_fill_map, one_thread, run_threads
 from gramvl.prompts.base import PromptLearner
 
 ARTIFACT_FORMAT = "gramvl-gram-artifact"
@@ -292,7 +292,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
             _accumulate_in_task_order(_outer(theta, psi), mine, cfg.meta_batch, rec)
         elif pool.parallel:  # tasks at once on the run's threads, one intra-op thread each, summed in task order
             for grads, terms in cache_fill_map(task, enumerate(tasks), device):
-                _add_grads(_outer(theta, psi), grads)
+                add_grads(_outer(theta, psi), grads)
                 for k, v in terms.items():
                     rec[k] += v
         else:
@@ -352,6 +352,14 @@ def _task_loss(host: PromptLearner, theta: dict, psi, task, data: CorpusBatches,
     return loss, terms
 
 
+def tasks_at_once(device, meta_batch: int) -> int:
+    """How many meta-tasks run at once, in threads (`cpu_parallel="tasks"`): on the CPU in one process, the run's
+    thread count or the meta-batch, whichever is smaller; otherwise 1 (one task after another)."""
+    if torch.device(device).type != "cpu" or dist.active():
+        return 1
+    return max(1, min(run_threads(), meta_batch))
+
+
 class _HostPool:
     """Copies of the host (sharing its backbone) for meta-tasks run at once in threads: a task sets the host's
     class names and swaps its slots (`functional_call`), so concurrent tasks need a host each. Parallel only on
@@ -360,14 +368,11 @@ class _HostPool:
     def __init__(self, host: PromptLearner, meta_batch: int):
         import queue
 
-        from gramvl import paths as run
-
-        threads = run._RUN_THREADS or torch.get_num_threads()
-        self.parallel = (torch.device(_device(host)).type == "cpu" and not dist.active() and meta_batch > 1
-                         and threads > 1)
+        at_once = tasks_at_once(_device(host), meta_batch)
+        self.parallel = at_once > 1
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._free.put(host)
-        for _ in range(min(threads, meta_batch) - 1 if self.parallel else 0):
+        for _ in range(at_once - 1):
             self._free.put(_host_copy(host))
 
     @contextmanager
@@ -386,7 +391,7 @@ def _host_copy(host: PromptLearner) -> PromptLearner:
     return copy.deepcopy(host, {id(t): t for t in shared})
 
 
-def _add_grads(params: list[torch.Tensor], grads) -> None:
+def add_grads(params: list[torch.Tensor], grads) -> None:
     """Add one task's outer gradients into .grad, as backward() accumulates them."""
     for p, g in zip(params, grads, strict=True):
         if g is None:

@@ -30,11 +30,19 @@ from gramvl.backbone import Backbone
 from gramvl.errors import GramvlError
 from gramvl.gram.cmhc import CMHCConfig
 from gramvl.gram.loop import OuterLoop, run_fingerprint, slot_tensors
-from gramvl.gram.meta import ARTIFACT_FORMAT, anchor_text_rows, outer_update, token_norm
+from gramvl.gram.meta import (
+    ARTIFACT_FORMAT,
+    CPU_PARALLEL,
+    add_grads,
+    anchor_text_rows,
+    outer_update,
+    tasks_at_once,
+    token_norm,
+)
 from gramvl.gram.regulator import RegulatorSet
 from gramvl.gram.tasks import TaskConfig
 from gramvl.io import save_tensors, write_json
-from gramvl.paths import cache_dir, cache_fill_map, cache_fill_tag
+from gramvl.paths import cache_dir, cache_fill_map, cache_fill_tag, one_thread
 from gramvl.tta.structure import PROTOTYPE_MODES, StructureContext, StructuredRegulator
 from gramvl.tta.tpt import (
     HAND_PROMPT,
@@ -78,6 +86,9 @@ class MetaTTAConfig:
     # accuracy; with 0.25 (supervised CoOp M = 4's radius) the full method gained 3.6 points on the val splits
     # (docs/tta.md). Default since session 12; 0 reproduces the earlier artifacts
     theta_anchor: float = 0.25
+    # how a CPU run uses its threads, as meta.cpu_parallel of `gramvl meta-train`: "tasks" (the same artifact at
+    # any thread count; session 16) or "intra-op" (the loop before session 16)
+    cpu_parallel: str = "tasks"
     structure: str = "complexity"  # prototypes: complexity | flat | leaves; none = ψ without context
     prototype_kind: str = "joint"  # joint | image | text centroids
     tau: float = 0.1  # prototype softmax temperature
@@ -277,32 +288,64 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
     opt_p = torch.optim.Adam(psi_set.parameters(), lr=cfg.outer_lr_phi) if psi_set is not None else None
     loop = OuterLoop(cfg, ckpt, {"text_ctx": theta}, psi_set, "meta-train tta", progress,
                      run_fingerprint(bb.ident, extra_meta))
-    for step in loop.steps():
-        opt_t.zero_grad(set_to_none=True)
-        if opt_p:
-            opt_p.zero_grad(set_to_none=True)
-        rec = loop.new_record()
-        for _ in range(cfg.meta_batch):
-            task = sampler.sample(loop.rng)
-            loss, pre, post = tta_query_loss(bb, task.classnames, theta, views.get(task.query_idx),
-                                             torch.as_tensor(task.query_labels, dtype=torch.long), cfg, psi,
-                                             cfg.second_order)
-            rec["pre_acc"] += pre / cfg.meta_batch
-            rec["post_acc"] += post / cfg.meta_batch
-            if cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None:
-                ysh = torch.as_tensor(task.shift_labels, dtype=torch.long)
-                lsh, _, acc_sh = tta_query_loss(bb, task.classnames_shift, theta, views.get(task.shift_idx),
-                                                ysh, cfg, psi, cfg.second_order)
-                loss = loss + cfg.shifted_weight * lsh
-                rec["shift_acc"] += acc_sh / cfg.meta_batch
-            (loss / cfg.meta_batch).backward()
-            rec["loss"] += float(loss.detach()) / cfg.meta_batch
-        outer_update([theta], opt_t, psi_set, opt_p, cfg.grad_clip)
-        if radius is not None:
-            anchor_text_rows({"text_ctx": theta}, {"text_ctx": anchor}, radius)
-        loop.end_step(step, rec, loss=f"{rec['loss']:.3f}", pre=f"{rec['pre_acc']:.2f}",
-                      post=f"{rec['post_acc']:.2f}")
-    diag = tta_diagnostics(bb, theta.detach(), psi, sampler, views, cfg, np.random.default_rng(cfg.seed + 1))
+    if cfg.cpu_parallel not in CPU_PARALLEL:
+        raise GramvlError(f"cpu_parallel must be one of {', '.join(CPU_PARALLEL)}, not {cfg.cpu_parallel!r}")
+    # as `gramvl meta-train` (gram/meta.py): on the CPU the tasks run at once, one intra-op thread each, summed in
+    # task order, and the rest on one thread: the same artifact at any thread count
+    cpu = cfg.cpu_parallel == "tasks" and torch.device(bb.device).type == "cpu"
+    outer = [theta, *(psi_set.parameters() if psi_set is not None else [])]
+    with one_thread() if cpu else contextlib.nullcontext():
+        parallel = cpu and tasks_at_once(bb.device, cfg.meta_batch) > 1
+        for step in loop.steps():
+            opt_t.zero_grad(set_to_none=True)
+            if opt_p:
+                opt_p.zero_grad(set_to_none=True)
+            rec = loop.new_record()
+            tasks = []
+            for _ in range(cfg.meta_batch):  # drawn, and their view features read, in this thread, in order
+                task = sampler.sample(loop.rng)
+                shifted = cfg.shifted_weight > 0 and getattr(task, "shift_idx", None) is not None
+                tasks.append((task, views.get(task.query_idx), views.get(task.shift_idx) if shifted else None))
+
+            def task_loss(item):
+                task, fq, fsh = item
+                loss, pre, post = tta_query_loss(bb, task.classnames, theta, fq,
+                                                 torch.as_tensor(task.query_labels, dtype=torch.long), cfg, psi,
+                                                 cfg.second_order)
+                terms = {"pre_acc": pre / cfg.meta_batch, "post_acc": post / cfg.meta_batch}
+                if fsh is not None:
+                    ysh = torch.as_tensor(task.shift_labels, dtype=torch.long)
+                    lsh, _, acc_sh = tta_query_loss(bb, task.classnames_shift, theta, fsh, ysh, cfg, psi,
+                                                    cfg.second_order)
+                    loss = loss + cfg.shifted_weight * lsh
+                    terms["shift_acc"] = acc_sh / cfg.meta_batch
+                terms["loss"] = float(loss.detach()) / cfg.meta_batch
+                return loss, terms
+
+            def task_grads(item):
+                loss, terms = task_loss(item)
+                return torch.autograd.grad(loss / cfg.meta_batch, outer, allow_unused=True), terms
+
+            if parallel:
+                done = cache_fill_map(task_grads, tasks, bb.device)
+            else:
+                done = (task_loss(item) for item in tasks)
+            # the attention kernel is set here, around the tasks only (not the view features, which a cache keeps),
+            # because the setting is global and the tasks run in threads
+            with _double_backward_attention(cfg.second_order):
+                for result, terms in done:
+                    if parallel:
+                        add_grads(outer, result)
+                    else:
+                        (result / cfg.meta_batch).backward()
+                    for k, v in terms.items():
+                        rec[k] += v
+            outer_update([theta], opt_t, psi_set, opt_p, cfg.grad_clip)
+            if radius is not None:
+                anchor_text_rows({"text_ctx": theta}, {"text_ctx": anchor}, radius)
+            loop.end_step(step, rec, loss=f"{rec['loss']:.3f}", pre=f"{rec['pre_acc']:.2f}",
+                          post=f"{rec['post_acc']:.2f}")
+        diag = tta_diagnostics(bb, theta.detach(), psi, sampler, views, cfg, np.random.default_rng(cfg.seed + 1))
     sidecar = {"format": ARTIFACT_FORMAT, "host": "coop", "unigram": False, "tta": True, "backbone": bb.ident,
                "slots": {"text_ctx": list(theta.shape)},
                "regulator": psi_set.config() if psi_set is not None else None,
