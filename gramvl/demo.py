@@ -77,8 +77,9 @@ def gram_demo(bb, out: Path, quick: bool = False) -> None:
     datasets = DEMO_DATASETS[:1] if quick else DEMO_DATASETS
     epochs = 10 if quick else 40
     # the artifact just meta-trained, and the shipped one: a short meta-training run is chaotic (the last float
-    # bit of a reduction, which the CPU and its thread count decide, can change its HM by several points;
-    # docs/results/meta_seed_spread_demo.md), the shipped artifact is the same file everywhere
+    # bit of a reduction, which the CPU decides, can change its HM by several points; the thread count no longer
+    # does since session 16; docs/results/meta_seed_spread_demo_v3.md), the shipped artifact is the same file
+    # everywhere
     arms = (("CoOp", None, "b2n_coop"),
             (f"CoOp + GRAM (meta-trained now, {steps_done} steps)", str(art), "b2n_coop_gram"),
             ("CoOp + GRAM (shipped artifact)", "default", "b2n_coop_gram_shipped"))
@@ -100,7 +101,8 @@ def gram_demo(bb, out: Path, quick: bool = False) -> None:
     note = (f"Base-to-new, 16 shots on base classes, seed 1, CoOp schedule shortened to {epochs} epochs for "
             f"the demo. GRAM meta-trained now for {steps_done} steps ({meta_s:.0f} s; the shipped artifact was "
             f"meta-trained for 600). The row of the artifact meta-trained now is one run of a chaotic process: "
-            f"on another CPU or thread count it can differ by several points (docs/results/"
-            f"meta_seed_spread_demo.md). The benchmark tables in docs/results/ use 3 seeds and the full schedules.")
+            f"it is the same at any thread count, but on another CPU, torch build or k-means backend it can differ "
+            f"by several points (docs/results/meta_seed_spread_demo_v3.md). The benchmark tables in docs/results/ "
+            f"use 3 seeds and the full schedules.")
     print("\n" + table + "\n" + note)
     write_text(out / "gram_demo.md", "# CoOp vs CoOp + GRAM (demo)\n\n" + table + "\n" + note + "\n")
