@@ -282,6 +282,26 @@ def cmd_demo(args) -> int:
     return run_demo(out=args.out, quick=args.quick)
 
 
+def cmd_cache(args) -> int:
+    from gramvl.caches import prune, scan, summary
+    from gramvl.engine.results import markdown_table
+    from gramvl.paths import gramvl_home
+
+    entries = scan()
+    print(f"cache: {gramvl_home() / 'cache'}")
+    if not entries:
+        print("empty")
+        return 0
+    print(markdown_table(["kind", "entries", "current", "stale", "stale MB", "unknown"], summary(entries)))
+    if args.prune:
+        freed = prune(entries)
+        print(f"deleted {sum(e.state == 'stale' for e in entries)} stale entries ({freed / 1e6:.1f} MB)")
+    elif any(e.state == "stale" for e in entries):
+        print("stale entries were made under earlier rules and are never served; `gramvl cache --prune` deletes "
+              "them")
+    return 0
+
+
 CORPUS_HELP = ("'world', a CSV/TSV of image path, caption, WebDataset tar shards (a folder of .tar files, "
                "'shards/{000000..000009}.tar' or one .tar; needs gramvl[scale]) or a folder of extracted "
                "feature shards")
@@ -406,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="CMHC options, e.g. k1=12")
     cl.add_argument("--out", required=True)
     cl.set_defaults(func=cmd_cluster)
+
+    ca = sub.add_parser("cache", help="what $GRAMVL_HOME/cache holds; --prune deletes the entries no run serves")
+    ca.add_argument("--prune", action="store_true",
+                    help="delete the stale entries (made under earlier rules; do not run beside another gramvl run)")
+    ca.set_defaults(func=cmd_cache)
 
     dm = sub.add_parser("demo", help="the main job on the embedded default")
     dm.add_argument("--out", default="runs/demo")

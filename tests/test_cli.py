@@ -291,3 +291,63 @@ def test_demo_meta_trains_afresh_instead_of_resuming_an_earlier_demos_checkpoint
     with pytest.raises(Reached):
         gram_demo(None, tmp_path, quick=True)
     assert (tmp_path / "zeroshot.md").read_text() == "kept"
+
+
+def test_cache_command_lists_and_prunes_only_the_entries_no_run_serves(tmp_path, small_random_backbone, capsys,
+                                                                        monkeypatch):
+    """Each cache entry records how it was made; the entries made under earlier rules are stale (their keys are
+    never asked for again) and `gramvl cache --prune` deletes those, and nothing else."""
+    import shutil
+
+    from gramvl.caches import scan
+    from gramvl.data.features import image_features
+    from gramvl.data.registry import get_dataset
+    from gramvl.gram.cmhc import CMHCConfig
+    from gramvl.gram.corpus import encode_corpus
+    from gramvl.gram.pipeline import build_hierarchy
+    from gramvl.tta.meta_tta import ViewFeatureCache
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("GRAMVL_HOME", str(home))
+    bb = small_random_backbone
+    ds = get_dataset(f"folder:{make_folder(tmp_path / 'ds', per=3)}", "test")
+    image_features(bb, ds, progress=False)  # current entries, one of each kind, written by gramvl itself
+    pairs = [{"image": p, "caption": f"a {ds.classnames[y]}"} for p, y in ds.samples]
+    feats = encode_corpus(bb, pairs, batch_size=4, progress=False, workers=0)
+    build_hierarchy(feats, "flat", CMHCConfig(k1=2, min_children=2, max_children=2, leaf_min_size=1,
+                                              use_faiss=False), progress=False)
+    ViewFeatureCache(bb, [p for p, _ in ds.samples], views=2)
+    c = home / "cache"
+    # the same entries as an earlier session wrote them: no fill, or the session-15 fill
+    for kind, ext, field, value in (("features", ".safetensors", "fill", None),
+                                    ("cmhc", ".safetensors", "cluster_fill", None)):
+        src = next((c / kind).glob(f"*{ext}"))
+        shutil.copy(src, c / kind / f"old{ext}")
+        side = json.loads(src.with_suffix(".json").read_text())
+        side.pop(field)
+        (c / kind / "old.json").write_text(json.dumps(side))
+    old_corpus = c / "corpus" / "old"
+    shutil.copytree(next((c / "corpus").iterdir()), old_corpus)
+    rec = json.loads((old_corpus / "corpus.json").read_text())
+    (old_corpus / "corpus.json").write_text(json.dumps({**rec, "fill": "cpu-threads-1"}))
+    shutil.copytree(next((c / "tta-views").iterdir()), c / "tta-views" / "old")
+    (c / "tta-views" / "old" / "recipe.json").unlink()
+    (c / "fewshot").mkdir()
+    (c / "fewshot" / "emoji-x-shots1-seed1.json").write_text("{}")
+    (c / "features" / "notes.txt").write_text("mine")  # not gramvl's: listed, never deleted
+
+    entries = scan()
+    state = {(e.kind, e.paths[0].name if e.paths[0].stem != "old" else "old"): e.state for e in entries}
+    assert sorted(k for k, v in state.items() if v == "stale") == [
+        ("cmhc", "old"), ("corpus", "old"), ("features", "old"), ("tta-views", "old")]
+    assert state["features", "notes.txt"] == "unknown" and state["fewshot", "emoji-x-shots1-seed1.json"] == "current"
+    assert sum(v == "current" for v in state.values()) == 5
+    code, out, _ = run(capsys, "cache")
+    assert code == 0 and "| features | 3 | 1 | 1 |" in out and "--prune" in out
+    assert (c / "features" / "old.safetensors").exists()  # listing deletes nothing
+    code, out, _ = run(capsys, "cache", "--prune")
+    assert code == 0 and "deleted 4 stale entries" in out
+    after = scan()
+    assert {e.state for e in after} == {"current", "unknown"} and len(after) == len(entries) - 4
+    assert not (c / "features" / "old.json").exists() and not old_corpus.exists()
+    assert image_features(bb, ds, progress=False)[0].shape[0] == len(ds)  # the current entries still serve

@@ -591,7 +591,8 @@ def _assemble(feats: CorpusFeatures, fx: _Features, parent: list[int], leaf_of: 
     cents = {k: F.normalize(v, dim=1).float() for k, v in sums.items()}
     h = Hierarchy(np.asarray(parent), leaf_of, cents, disp, [""] * m, [[] for _ in range(m)], agr,
                   {"method": method, "config": asdict(cfg), "agreement_threshold": thr,
-                   "corpus_ident": feats.ident, "corpus_key": feats.key, **(extra or {})})
+                   "corpus_ident": feats.ident, "corpus_key": feats.key, "cluster_fill": CLUSTER_FILL,
+                   **(extra or {})})
     # text similarity of every kept pair to the text centroid of its ancestor at each depth
     caps = feats.captions
     anc = leaf_of.copy()

@@ -152,6 +152,8 @@ class ViewFeatureCache:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             fp, dp = self.folder / "feats.npy", self.folder / "done.npy"
+            # what `gramvl cache` reads to tell a current folder from one no run serves any more
+            write_json(self.folder / "recipe.json", {"recipe": recipe, "fill": recipe[-1]})
             if fp.is_file() and dp.is_file():
                 self.feats = np.load(fp, mmap_mode="r+")
                 self.done = np.load(dp)
