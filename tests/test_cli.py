@@ -319,10 +319,9 @@ def test_cache_command_lists_and_prunes_only_the_entries_no_run_serves(tmp_path,
     ViewFeatureCache(bb, [p for p, _ in ds.samples], views=2)
     c = home / "cache"
     # the same entries as an earlier session wrote them: no fill, or the session-15 fill
-    for kind, ext, field, value in (("features", ".safetensors", "fill", None),
-                                    ("cmhc", ".safetensors", "cluster_fill", None)):
-        src = next((c / kind).glob(f"*{ext}"))
-        shutil.copy(src, c / kind / f"old{ext}")
+    for kind, field in (("features", "fill"), ("cmhc", "cluster_fill")):
+        src = next((c / kind).glob("*.safetensors"))
+        shutil.copy(src, c / kind / "old.safetensors")
         side = json.loads(src.with_suffix(".json").read_text())
         side.pop(field)
         (c / kind / "old.json").write_text(json.dumps(side))

@@ -234,8 +234,8 @@ def meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatche
     # of the loop on one thread too: the artifact is then the same, bit for bit, at any thread count
     if cfg.cpu_parallel not in CPU_PARALLEL:
         raise GramvlError(f"meta.cpu_parallel must be one of {', '.join(CPU_PARALLEL)}, not {cfg.cpu_parallel!r}")
-    tasks = cfg.cpu_parallel == "tasks" and torch.device(_device(host)).type == "cpu"
-    pinned = one_thread() if tasks else nullcontext()
+    pin = cfg.cpu_parallel == "tasks" and torch.device(_device(host)).type == "cpu"
+    pinned = one_thread() if pin else nullcontext()
     with sdpa_kernel([SDPBackend.MATH]), pinned:
         return _meta_train(cfg, host, sampler, data, out, extra_meta, progress)
 
