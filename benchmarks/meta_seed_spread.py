@@ -147,6 +147,7 @@ def main() -> None:
             f"{r[metric] - base[metric]:+.2f}"]
 
     arts, rows = [], []
+    done: dict[tuple[str, int], dict] = {}  # (artifact sha256, tuning threads) -> its evaluation
     for ms in args.meta_seeds:
         for th in args.threads:
             torch.set_num_threads(th)
@@ -155,10 +156,16 @@ def main() -> None:
                 job = MetaTrainJob(meta=MetaConfig(**meta_fixed, seed=ms, **meta_extra),
                                    cmhc=replace(CMHCConfig(), use_faiss=args.kmeans == "faiss"))
                 run_meta_train(job, art, bb=bb, progress=False)
-            torch.set_num_threads(args.tune_threads or th)
+            tune_th = args.tune_threads or th
+            torch.set_num_threads(tune_th)
             side = json.loads(art.with_suffix(".json").read_text())
             digest = sha256(art)
-            r = evaluate(bb, args, work, f"gram_{digest[:12]}", str(art), tune)
+            if (digest, tune_th) in done:  # the same bytes (meta-training no longer depends on the thread
+                r = dict(done[digest, tune_th])  # count, session 16), tuned the same way: the same evaluation
+            else:  # an artifact evaluated before with another tuning thread count gets its own folder
+                folder = f"gram_{digest[:12]}" + (f"_tune{tune_th}" if any(d == digest for d, _ in done) else "")
+                r = evaluate(bb, args, work, folder, str(art), tune)
+                done[digest, tune_th] = dict(r)
             r.update({"meta_seed": ms, "threads": th, "artifact": str(art), "sha256": digest,
                       "steps_done": side["steps_done"], "kmeans_backend": side["kmeans_backend"],
                       "corpus_features_sha256": side.get("corpus_features_sha256")})
