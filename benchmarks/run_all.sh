@@ -740,3 +740,26 @@ reuse v3 2 v3_dg
 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --protocol dg --meta-seeds 0 1 2 3 4 --steps 600 \
     --tune-threads 1 --seeds 1 2 3 --kmeans faiss --with-shipped --name meta_seed_spread_v3_dg
 $PY benchmarks/gram_summary.py --only v3
+
+# ---- session 16 (docs/method.md: rows rule, one-thread clustering, task-parallel meta-training; docs/results/gram.md) ----
+# meta-training's two CPU loops side by side (the demo's recipe; run with the other jobs paused)
+$PY benchmarks/meta_threads.py --steps 300 --repeats 2
+# the demo's spread again: with the task-parallel loop the same 5 artifacts at 2 and 1 threads (torch k-means)
+OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-seeds 0 1 2 3 4 --threads 2 1 --steps 300 --epochs 40 \
+    --seeds 1 --kmeans torch --name meta_seed_spread_demo_v3
+# more GRAM cells from the artifacts of sessions 13-14 (copied), run on session 14's code (commit 89db6b6, in a separate
+# work tree, with the caches it filled) so that the plain-host values can be compared with the tables'
+mp() { OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $PY benchmarks/meta_seed_spread.py --meta-host maple --meta-set second_order=false \
+  --theta-anchor 0.5 --steps 180 --threads 1 --meta-seeds 0 1 2 3 4 --seeds 1 2 3 --kmeans faiss \
+  --reference runs/gram11/maple_anchor05.safetensors "$@"; }
+reuse vpt_1shot 1 vpt_2shot vpt_4shot vpt_8shot vpt_16shot vpt_xd vpt_dg
+reuse maple_b2n 1 maple_8shot maple_16shot maple_dg maple_xd
+reuse unigram_8shot 1 unigram_16shot unigram_dg unigram_xd
+(for k in 2 4 8 16; do vpt --protocol fewshot --shots $k --name meta_seed_spread_vpt_${k}shot; done
+ vpt --protocol dg --name meta_seed_spread_vpt_dg; vpt --protocol xd --name meta_seed_spread_vpt_xd) &
+for k in 8 16; do mp --protocol fewshot --shots $k --name meta_seed_spread_maple_${k}shot; done
+ug --protocol fewshot --shots 16 --name meta_seed_spread_unigram_16shot
+mp --protocol dg --name meta_seed_spread_maple_dg; ug --protocol dg --name meta_seed_spread_unigram_dg
+mp --protocol xd --name meta_seed_spread_maple_xd; ug --protocol xd --name meta_seed_spread_unigram_xd
+wait
+$PY benchmarks/gram_summary.py --only v3
