@@ -124,16 +124,24 @@ META_CHECKS_V3 = {
     ("CoCoOp", "hm"): "meta_seed_spread_cocoop_b2n",
     ("CoCoOp", "1"): "meta_seed_spread_cocoop_1shot",
     **{("CoCoOp", k): f"meta_seed_spread_cocoop_{k}shot" for k in ("2", "4", "8", "16")},
+    ("CoCoOp", "xd"): "meta_seed_spread_cocoop_xd",
     ("CoCoOp", "dg"): "meta_seed_spread_cocoop_dg",
     ("VPT (shallow, 8 tokens)", "hm"): "meta_seed_spread_vpt_b2n",
     ("VPT (shallow, 8 tokens)", "1"): "meta_seed_spread_vpt_1shot",
+    **{("VPT (shallow, 8 tokens)", k): f"meta_seed_spread_vpt_{k}shot" for k in ("2", "4", "8", "16")},
+    ("VPT (shallow, 8 tokens)", "xd"): "meta_seed_spread_vpt_xd",
+    ("VPT (shallow, 8 tokens)", "dg"): "meta_seed_spread_vpt_dg",
     ("MaPLe", "hm"): "meta_seed_spread_maple_b2n",
     ("MaPLe", "1"): "meta_seed_spread_maple_1shot",
-    **{("MaPLe", k): f"meta_seed_spread_maple_{k}shot" for k in ("2", "4")},
+    **{("MaPLe", k): f"meta_seed_spread_maple_{k}shot" for k in ("2", "4", "8", "16")},
+    ("MaPLe", "xd"): "meta_seed_spread_maple_xd",
+    ("MaPLe", "dg"): "meta_seed_spread_maple_dg",
     ("IVLP + UNIGRAM", "hm"): "meta_seed_spread_unigram_b2n",
     ("IVLP + UNIGRAM", "1"): "meta_seed_spread_unigram_1shot",
-    **{("IVLP + UNIGRAM", k): f"meta_seed_spread_unigram_{k}shot" for k in ("2", "4", "8")},
-}
+    **{("IVLP + UNIGRAM", k): f"meta_seed_spread_unigram_{k}shot" for k in ("2", "4", "8", "16")},
+    ("IVLP + UNIGRAM", "xd"): "meta_seed_spread_unigram_xd",
+    ("IVLP + UNIGRAM", "dg"): "meta_seed_spread_unigram_dg",
+}  # a cell whose result file does not exist yet is left out
 
 TABLES = {
     "v1": (SOURCES_V1, "small-v1, sessions 1-6", "gram_summary",
