@@ -51,25 +51,36 @@ def _read(p: Path) -> dict | None:
     return d if isinstance(d, dict) else None
 
 
-def _fill_state(record: dict | None, field: str = "fill") -> tuple[str, str]:
+def current_cluster_fill(fill: str | None) -> bool:
+    """Whether a hierarchy's recorded `cluster_fill` is the one the current code clusters with."""
+    from gramvl.gram.cmhc import CLUSTER_FILL
+
+    return fill == CLUSTER_FILL
+
+
+def _fill_state(record: dict | None, field: str, is_current) -> tuple[str, str]:
     if record is None:
         return "stale", "no readable record of how it was made"
     fill = record.get(field)
-    if field == "cluster_fill":
-        from gramvl.gram.cmhc import CLUSTER_FILL
-
-        ok = fill == CLUSTER_FILL
-    else:
-        ok = current_fill(fill)
-    return ("current", "") if ok else ("stale", f"{field} {fill!r}" if fill else f"no {field} recorded")
+    if is_current(fill):
+        return "current", ""
+    return "stale", f"{field} {fill!r}" if fill else f"no {field} recorded"
 
 
-def _pairs(folder: Path, kind: str, field: str) -> list[Entry]:
+def _first_record(folder: Path) -> dict | None:
+    """The folder's record: corpus.json (a corpus), manifest.json (feature shards) or recipe.json (test-time views)."""
+    for name in ("corpus.json", "manifest.json", "recipe.json"):
+        if (folder / name).exists():
+            return _read(folder / name)
+    return None
+
+
+def _pairs(folder: Path, kind: str, field: str, is_current) -> list[Entry]:
     """<key>.safetensors + <key>.json entries (features, hierarchies)."""
     out = []
     for st in sorted(folder.glob("*.safetensors")):
         side = st.with_suffix(".json")
-        state, why = _fill_state(_read(side), field)
+        state, why = _fill_state(_read(side), field, is_current)
         paths = [st] + ([side] if side.exists() else [])
         out.append(Entry(kind, paths, sum(_size(p) for p in paths), state, why))
     known = {p for e in out for p in e.paths}
@@ -86,18 +97,18 @@ def scan(home: Path | None = None) -> list[Entry]:
     out: list[Entry] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         kind = folder.name
-        if kind in ("features", "cmhc"):
-            out += _pairs(folder, kind, "fill" if kind == "features" else "cluster_fill")
+        if kind == "features":
+            out += _pairs(folder, kind, "fill", current_fill)
+        elif kind == "cmhc":
+            out += _pairs(folder, kind, "cluster_fill", current_cluster_fill)
         elif kind in ("corpus", "tta-views"):
             for d in sorted(folder.iterdir()):
                 if not d.is_dir():
                     out.append(Entry(kind, [d], _size(d), "unknown", "not a cache entry gramvl writes"))
                     continue
-                record = next((r for r in (_read(d / n) for n in ("corpus.json", "manifest.json", "recipe.json")
-                                            if (d / n).exists()) if r is not None), None)
-                state, why = _fill_state(record)
-                out.append(Entry(kind if kind != "corpus" or not (d / "manifest.json").exists() else "corpus shards",
-                                 [d], _size(d), state, why))
+                state, why = _fill_state(_first_record(d), "fill", current_fill)
+                shards = kind == "corpus" and (d / "manifest.json").exists()
+                out.append(Entry("corpus shards" if shards else kind, [d], _size(d), state, why))
         elif kind == "fewshot":
             out += [Entry(kind, [p], _size(p), "current") for p in sorted(folder.iterdir())]
         else:

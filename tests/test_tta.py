@@ -343,6 +343,9 @@ def test_meta_training_for_test_time_gives_the_same_artifact_at_any_thread_count
     assert not torch.equal(ref["theta.text_ctx"], hand_init(bb).ctx)
     for key, art in arts.items():
         assert art.keys() == ref.keys() and all(torch.equal(art[k], ref[k]) for k in ref), key
+    with pytest.raises(GramvlError, match="cpu_parallel must be one of"):
+        meta_train_tta(replace(cfg, cpu_parallel="threads"), bb, _ToySampler(), Views(bb, paths, views=6, cache=False),
+                       tmp_path / "bad.safetensors", protos, progress=False)
 
 
 def test_test_time_descent_guard_travels_with_the_artifact(small_random_backbone, tmp_path):
