@@ -232,16 +232,13 @@ def meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatche
 
     # on the CPU every task runs on one intra-op thread (several tasks at once on the run's threads) and the rest
     # of the loop on one thread too: the artifact is then the same, bit for bit, at any thread count
-    if cfg.cpu_parallel not in CPU_PARALLEL:
-        raise GramvlError(f"meta.cpu_parallel must be one of {', '.join(CPU_PARALLEL)}, not {cfg.cpu_parallel!r}")
-    pin = cfg.cpu_parallel == "tasks" and torch.device(_device(host)).type == "cpu"
-    pinned = one_thread() if pin else nullcontext()
+    pinned, at_once = cpu_parallelism(cfg.cpu_parallel, _device(host), cfg.meta_batch)
     with sdpa_kernel([SDPBackend.MATH]), pinned:
-        return _meta_train(cfg, host, sampler, data, out, extra_meta, progress)
+        return _meta_train(cfg, host, sampler, data, out, extra_meta, progress, at_once)
 
 
 def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatches, out: str | Path,
-                extra_meta: dict | None, progress: bool) -> Path:
+                extra_meta: dict | None, progress: bool, at_once: int) -> Path:
     if cfg.theta_anchor < 0:
         raise GramvlError(f"meta.theta_anchor must be >= 0 (0: off), got {cfg.theta_anchor}")
     out = Path(out)
@@ -272,7 +269,7 @@ def _meta_train(cfg: MetaConfig, host: PromptLearner, sampler, data: CorpusBatch
     # the anchor is the host's initial context (also on resume: host.slots() are never trained here)
     anchor = {n: slots[n].detach().clone() for n in names if modality_of(n) == "text"}
     radius = cfg.theta_anchor * token_norm(host.bb) if cfg.theta_anchor > 0 else None
-    pool = _HostPool(host, cfg.meta_batch if cfg.cpu_parallel == "tasks" else 1)
+    pool = _HostPool(host, at_once)
     for step in loop.steps():
         opt_t.zero_grad(set_to_none=True)
         if opt_p:
@@ -352,12 +349,15 @@ def _task_loss(host: PromptLearner, theta: dict, psi, task, data: CorpusBatches,
     return loss, terms
 
 
-def tasks_at_once(device, meta_batch: int) -> int:
-    """How many meta-tasks run at once, in threads (`cpu_parallel="tasks"`): on the CPU in one process, the run's
-    thread count or the meta-batch, whichever is smaller; otherwise 1 (one task after another)."""
-    if torch.device(device).type != "cpu" or dist.active():
-        return 1
-    return max(1, min(run_threads(), meta_batch))
+def cpu_parallelism(mode: str, device, meta_batch: int, field: str = "meta.cpu_parallel"):
+    """How a meta-training loop uses the CPU (`cpu_parallel`): the context it runs in (torch on one intra-op thread
+    for "tasks" on the CPU; nothing otherwise) and how many of its tasks run at once, in threads (for "tasks" on the
+    CPU in one process, the run's thread count or the meta-batch, whichever is smaller; otherwise 1)."""
+    if mode not in CPU_PARALLEL:
+        raise GramvlError(f"{field} must be one of {', '.join(CPU_PARALLEL)}, not {mode!r}")
+    if mode != "tasks" or torch.device(device).type != "cpu":
+        return nullcontext(), 1
+    return one_thread(), 1 if dist.active() else max(1, min(run_threads(), meta_batch))
 
 
 class _HostPool:
@@ -365,10 +365,9 @@ class _HostPool:
     class names and swaps its slots (`functional_call`), so concurrent tasks need a host each. Parallel only on
     the CPU, in one process, with more than one task per meta-batch and more than one thread to run them on."""
 
-    def __init__(self, host: PromptLearner, meta_batch: int):
+    def __init__(self, host: PromptLearner, at_once: int):
         import queue
 
-        at_once = tasks_at_once(_device(host), meta_batch)
         self.parallel = at_once > 1
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._free.put(host)

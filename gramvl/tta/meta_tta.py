@@ -32,17 +32,16 @@ from gramvl.gram.cmhc import CMHCConfig
 from gramvl.gram.loop import OuterLoop, run_fingerprint, slot_tensors
 from gramvl.gram.meta import (
     ARTIFACT_FORMAT,
-    CPU_PARALLEL,
     add_grads,
     anchor_text_rows,
+    cpu_parallelism,
     outer_update,
-    tasks_at_once,
     token_norm,
 )
 from gramvl.gram.regulator import RegulatorSet
 from gramvl.gram.tasks import TaskConfig
 from gramvl.io import save_tensors, write_json
-from gramvl.paths import cache_dir, cache_fill_map, cache_fill_tag, one_thread
+from gramvl.paths import cache_dir, cache_fill_map, cache_fill_tag
 from gramvl.tta.structure import PROTOTYPE_MODES, StructureContext, StructuredRegulator
 from gramvl.tta.tpt import (
     HAND_PROMPT,
@@ -290,14 +289,12 @@ def meta_train_tta(cfg: MetaTTAConfig, bb: Backbone, sampler, views: ViewFeature
     opt_p = torch.optim.Adam(psi_set.parameters(), lr=cfg.outer_lr_phi) if psi_set is not None else None
     loop = OuterLoop(cfg, ckpt, {"text_ctx": theta}, psi_set, "meta-train tta", progress,
                      run_fingerprint(bb.ident, extra_meta))
-    if cfg.cpu_parallel not in CPU_PARALLEL:
-        raise GramvlError(f"cpu_parallel must be one of {', '.join(CPU_PARALLEL)}, not {cfg.cpu_parallel!r}")
     # as `gramvl meta-train` (gram/meta.py): on the CPU the tasks run at once, one intra-op thread each, summed in
     # task order, and the rest on one thread: the same artifact at any thread count
-    cpu = cfg.cpu_parallel == "tasks" and torch.device(bb.device).type == "cpu"
+    pinned, at_once = cpu_parallelism(cfg.cpu_parallel, bb.device, cfg.meta_batch, "cpu_parallel")
+    parallel = at_once > 1
     outer = [theta, *(psi_set.parameters() if psi_set is not None else [])]
-    with one_thread() if cpu else contextlib.nullcontext():
-        parallel = cpu and tasks_at_once(bb.device, cfg.meta_batch) > 1
+    with pinned:
         for step in loop.steps():
             opt_t.zero_grad(set_to_none=True)
             if opt_p:
