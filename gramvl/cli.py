@@ -211,7 +211,7 @@ def cmd_report(args) -> int:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help="host method: zeroshot, coop, cocoop, kgcoop, prograd, vpt, "
-                   "vpt-deep, ivlp, maple, linear_probe")
+                   "vpt-deep, ivlp, maple, promptsrc, linear_probe")
     p.add_argument("--config", default=None, help="YAML config (see configs/)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mt = sub.add_parser("meta-train", help="meta-learn a prompt init and gradient regulator (GRAM)")
     _add_model_args(mt)
-    mt.add_argument("--host", default="coop", help="coop, cocoop, vpt, maple, ivlp, ...")
+    mt.add_argument("--host", default="coop", help="coop, cocoop, vpt, maple, ivlp, promptsrc, ...")
     mt.add_argument("--unigram", action="store_true", help="text and visual slots jointly (UNIGRAM)")
     mt.add_argument("--corpus", default="world", help=CORPUS_HELP)
     mt.add_argument("--hierarchy", default="cmhc", choices=["cmhc", "flat", "random"])

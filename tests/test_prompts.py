@@ -44,13 +44,15 @@ def expected_slots(name: str, bb) -> dict[str, tuple]:
         "ivlp": {"text_ctx": (2, dt), "text_deep": (Lt - 1, 2, dt), "vis_ctx": (2, dv),
                  "vis_deep": (Lv - 1, 2, dv)},
         "maple": {"text_ctx": (2, dt), "text_deep": (md - 1, 2, dt)},
+        "promptsrc": {"text_ctx": (4, dt), "text_deep": (scale_depth(Lt) - 1, 4, dt), "vis_ctx": (4, dv),
+                      "vis_deep": (scale_depth(Lv) - 1, 4, dv)},
     }[name]
 
 
 # ---------------------------------------------------------------------------------------------- registry
 def test_registry_has_every_method_and_unknown_names_are_a_clear_error(small_random_backbone):
     assert set(HOSTS) == {"zeroshot", "coop", "cocoop", "kgcoop", "prograd", "vpt", "vpt-deep", "ivlp",
-                          "maple", "linear_probe"}
+                          "maple", "promptsrc", "linear_probe"}
     with pytest.raises(GramvlError, match="unknown method 'cooop'.*coop, cocoop"):
         build_host("cooop", small_random_backbone, NAMES)
 
@@ -146,7 +148,7 @@ def test_class_specific_context_cannot_change_classes(small_random_backbone):
         host.set_classnames(["zebra", "lamp"])
 
 
-@pytest.mark.parametrize("name", ["coop", "cocoop", "kgcoop", "prograd", "vpt", "ivlp", "maple"])
+@pytest.mark.parametrize("name", ["coop", "cocoop", "kgcoop", "prograd", "vpt", "ivlp", "maple", "promptsrc"])
 def test_base_to_new_keeps_the_slots_and_changes_the_label_space(small_random_backbone, name):
     bb = small_random_backbone
     host = build_host(name, bb, NAMES)

@@ -164,6 +164,7 @@ class Trainer:
         if not self.ckpt or not dist.is_main():
             return
         tensors = {f"state.{k}": v for k, v in self.host.trainable_state().items()}
+        tensors.update({f"run.{k}": v for k, v in self.host.run_state().items()})
         params = [p for gr in opt.param_groups for p in gr["params"]]
         for i, p in enumerate(params):
             for k, v in opt.state.get(p, {}).items():
@@ -180,6 +181,7 @@ class Trainer:
             raise GramvlError(f"checkpoint {self.ckpt} belongs to another run (different config or backbone); "
                               f"remove it or choose another output folder")
         self.host.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
+        self.host.load_run_state({k[4:]: v for k, v in tensors.items() if k.startswith("run.")})
         params = [p for gr in opt.param_groups for p in gr["params"]]
         for i, p in enumerate(params):
             st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
@@ -244,6 +246,7 @@ class Trainer:
                 cnt += 1
                 steps += 1
             self.history.append({"epoch": epoch + 1, "loss": tot / max(1, cnt), "lr": lr})
+            host.epoch_end(epoch + 1, r.epochs)
             bar.update(1)
             bar.set_postfix(loss=f"{tot / max(1, cnt):.3f}")
             if on_epoch:

@@ -140,7 +140,7 @@ def meta_slots(host: PromptLearner, unigram: bool) -> list[str]:
     vis = [n for n in names if modality_of(n) == "vision"]
     if unigram:
         if not text or not vis:
-            raise GramvlError(f"--unigram needs a host with text and visual slots (ivlp, maple); "
+            raise GramvlError(f"--unigram needs a host with text and visual slots (ivlp, promptsrc, maple); "
                               f"{host.name} has {names}")
         return text + vis
     return text or vis

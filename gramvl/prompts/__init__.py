@@ -1,4 +1,4 @@
-"""Host methods (CoOp, CoCoOp, KgCoOp, ProGrad, VPT, IVLP, MaPLe, linear probe, zero-shot) and a registry."""
+"""Host methods (CoOp, CoCoOp, KgCoOp, ProGrad, VPT, IVLP, MaPLe, PromptSRC, linear probe, zero-shot) and a registry."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from gramvl.prompts.kgcoop import KgCoOp
 from gramvl.prompts.linear_probe import LinearProbe
 from gramvl.prompts.maple import MaPLe
 from gramvl.prompts.prograd import ProGrad
+from gramvl.prompts.promptsrc import PromptSRC
 from gramvl.prompts.vpt import VPT, VPTDeep
 from gramvl.prompts.zeroshot import ZeroShot
 
 HOSTS: dict[str, type[PromptLearner]] = {
     "zeroshot": ZeroShot, "coop": CoOp, "cocoop": CoCoOp, "kgcoop": KgCoOp, "prograd": ProGrad,
-    "vpt": VPT, "vpt-deep": VPTDeep, "ivlp": IVLP, "maple": MaPLe, "linear_probe": LinearProbe,
+    "vpt": VPT, "vpt-deep": VPTDeep, "ivlp": IVLP, "maple": MaPLe, "promptsrc": PromptSRC,
+    "linear_probe": LinearProbe,
 }
 
 
@@ -52,5 +54,5 @@ def build_host(name: str, bb: Backbone, classnames: list[str],
 
 
 __all__ = ["HOSTS", "HostConfig", "PromptLearner", "Recipe", "build_host", "host_class", "host_config",
-           "CoCoOp", "CoOp", "IVLP", "KgCoOp", "LinearProbe", "MaPLe", "ProGrad", "VPT", "VPTDeep",
+           "CoCoOp", "CoOp", "IVLP", "KgCoOp", "LinearProbe", "MaPLe", "ProGrad", "PromptSRC", "VPT", "VPTDeep",
            "ZeroShot"]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gramvl.backbone import Backbone
+from gramvl.errors import GramvlError
 
 
 @dataclass
@@ -57,6 +58,14 @@ class HostConfig:
     # CoCoOp meta-net init: "paper" = PyTorch's default Linear init, as CoCoOp; "zero" = its last layer at zero, so
     # training starts exactly from the shared context (session 12: the paper init adds a bias 5x a token's norm)
     meta_init: str = "paper"
+    # PromptSRC: weights of its three self-regulating losses (the prompted text and image features pulled to the
+    # frozen ones by L1, the prompted logits to the frozen ones by KL) and its Gaussian prompt aggregation over
+    # epochs, centred at gpa_mean and with spread gpa_std, both in units of the run's epochs (gpa_std 0: off)
+    src_text_weight: float = 25.0
+    src_image_weight: float = 10.0
+    src_logit_weight: float = 1.0
+    gpa_mean: float = 0.75
+    gpa_std: float = 0.05
     seed: int = 0
 
 
@@ -90,6 +99,18 @@ class PromptLearner(nn.Module):
         own = dict(self.named_parameters())
         for k, v in state.items():
             own[k].data.copy_(v)
+
+    def epoch_end(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer after epoch `epoch` (1-based) of `epochs`, before the checkpoint is written
+        (PromptSRC aggregates its prompts over epochs here)."""
+
+    def run_state(self) -> dict[str, torch.Tensor]:
+        """State a training run keeps beside the trainable tensors (saved in checkpoints, restored on resume)."""
+        return {}
+
+    def load_run_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise GramvlError(f"host {self.name} keeps no run state, but a checkpoint holds {sorted(state)}")
 
     def set_classnames(self, classnames: list[str]) -> None:
         """Switch the label space (new classes, another dataset); learned slots are kept."""
