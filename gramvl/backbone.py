@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from gramvl.errors import GramvlError
 from gramvl.paths import assets_dir
+from gramvl.rows import active as row_parallel_on
+from gramvl.rows import row_apply
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -457,13 +459,20 @@ class Backbone(nn.Module):
             h = _run_blocks_seq_first(t.transformer, h, mask)
             return t.ln_final(h.gather(1, plan.rows[g].unsqueeze(-1).expand(-1, -1, d)))
 
-        step = max(1, chunk_size * G // C) if chunk_size else x.shape[0]  # about chunk_size classes per chunk
-        outs = []
-        for s in range(0, x.shape[0], step):
-            h = x[s:s + step]
-            outs.append(grad_checkpoint(run, h, s, use_reentrant=False) if checkpoint and torch.is_grad_enabled()
-                        else run(h, s))
-        h = torch.cat(outs).reshape(-1, G * plan.rows.shape[1], d)[:, plan.eot_row]  # [N, C, d]
+        if row_parallel_on():  # parts of packed sequences, one intra-op thread each (gramvl/rows.py)
+            first = torch.arange(x.shape[0])
+            h = row_apply(lambda h, i: (grad_checkpoint(run, h, int(i[0]), use_reentrant=False)
+                                             if checkpoint and torch.is_grad_enabled() else run(h, int(i[0]))),
+                               [x, first], [True, True])
+        else:
+            step = max(1, chunk_size * G // C) if chunk_size else x.shape[0]  # about chunk_size classes per chunk
+            outs = []
+            for s in range(0, x.shape[0], step):
+                h = x[s:s + step]
+                outs.append(grad_checkpoint(run, h, s, use_reentrant=False)
+                            if checkpoint and torch.is_grad_enabled() else run(h, s))
+            h = torch.cat(outs)
+        h = h.reshape(-1, G * plan.rows.shape[1], d)[:, plan.eot_row]  # [N, C, d]
         proj = t.text_projection
         if proj is not None:
             h = proj(h) if isinstance(proj, nn.Linear) else h @ proj
@@ -504,6 +513,17 @@ class Backbone(nn.Module):
         if deep:
             deep = [d if d.dim() == 2 else d.expand(*lead, C, *d.shape[-2:]).reshape(-1, *d.shape[-2:])
                     for d in deep]
+        if row_parallel_on():  # parts of the class prompts, one intra-op thread each (gramvl/rows.py)
+            def part(x, e, p, *dp):
+                args = (x, e, p, list(dp) or None)
+                if checkpoint and torch.is_grad_enabled():
+                    return grad_checkpoint(self._text_forward, *args, use_reentrant=False)
+                return self._text_forward(*args)
+
+            dl = deep or []
+            feats = row_apply(part, [flat, eot, pos, *dl], [True, True, True, *(d.dim() == 3 for d in dl)])
+            feats = feats.reshape(*lead, C, -1)
+            return F.normalize(feats, dim=-1) if normalize else feats
         step = chunk_size or flat.shape[0]
         outs = []
         for s in range(0, flat.shape[0], step):
@@ -539,6 +559,15 @@ class Backbone(nn.Module):
     def encode_image(self, images: torch.Tensor, prompts: torch.Tensor | None = None,
                      deep: list[torch.Tensor] | None = None, normalize: bool = True) -> torch.Tensor:
         """Image features [B, D]; prompts [M, d] or [B, M, d] appended after the patch tokens (VPT)."""
+        if row_parallel_on():  # parts of the batch, one intra-op thread each (gramvl/rows.py)
+            dl = deep or []
+            return row_apply(lambda x, p, *dp: self._encode_image(x, p, list(dp) or None, normalize),
+                                  [images, prompts, *dl],
+                                  [True, prompts is not None and prompts.dim() == 3, *(d.dim() == 3 for d in dl)])
+        return self._encode_image(images, prompts, deep, normalize)
+
+    def _encode_image(self, images: torch.Tensor, prompts: torch.Tensor | None, deep: list[torch.Tensor] | None,
+                      normalize: bool) -> torch.Tensor:
         if prompts is None and not deep and not self._direct_vit:
             feats = self.model.encode_image(images)
             return F.normalize(feats, dim=-1) if normalize else feats

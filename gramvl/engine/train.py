@@ -28,6 +28,13 @@ from gramvl.data.features import image_features
 from gramvl.errors import GramvlError
 from gramvl.io import load_tensors, save_tensors
 from gramvl.prompts.base import PromptLearner, Recipe
+from gramvl.rows import row_parallel
+
+# how a CPU run uses its threads. "rows": the encoders cut every batch into a fixed number of parts that run at once,
+# one intra-op thread each, and the rest of the step runs on one thread, so a run gives the same bytes at any thread
+# count (gramvl/rows.py, session 17). "intra-op": every op on the run's threads, as before session 17 (the image
+# tower's sums, and so the prompts of VPT, IVLP, MaPLe and PromptSRC, then depend on the thread count in the last bits).
+CPU_PARALLEL = ("rows", "intra-op")
 
 
 @dataclass
@@ -104,8 +111,10 @@ class Trainer:
 
     def __init__(self, host: PromptLearner, recipe: Recipe, seed: int, ckpt: str | Path | None = None,
                  device: str = "cpu", precision: str = "fp32", progress: bool = True,
-                 identity: dict | None = None):
-        self.host, self.recipe, self.seed = host, recipe, seed
+                 identity: dict | None = None, cpu_parallel: str = "rows"):
+        if cpu_parallel not in CPU_PARALLEL:
+            raise GramvlError(f"cpu_parallel must be one of {', '.join(CPU_PARALLEL)}, not {cpu_parallel!r}")
+        self.host, self.recipe, self.seed, self.cpu_parallel = host, recipe, seed, cpu_parallel
         self.ckpt = Path(ckpt) if ckpt else None
         self.device, self.precision, self.progress = device, precision, progress
         if precision not in ("fp32", "bf16", "fp16"):
@@ -205,6 +214,10 @@ class Trainer:
         return dist.all_reduce_sum(loss.detach().float() * weight)
 
     def fit(self, train_ds: ImageDataset, on_epoch: Callable | None = None) -> dict:
+        with row_parallel(self.device) if self.cpu_parallel == "rows" else contextlib.nullcontext():
+            return self._fit(train_ds, on_epoch)
+
+    def _fit(self, train_ds: ImageDataset, on_epoch: Callable | None) -> dict:
         host, r = self.host, self.recipe
         torch.manual_seed(self.seed)
         params = host.trainable_parameters()
@@ -271,7 +284,7 @@ def predict(host: PromptLearner, ds: ImageDataset, batch_size: int = 512, progre
     Under torchrun every rank must call it: each computes a shard and all receive the gathered result."""
     host.eval()
     frozen = host.frozen_text() if hasattr(host, "frozen_text") else contextlib.nullcontext()
-    with frozen:
+    with frozen, row_parallel(device):
         return _predict(host, ds, batch_size, progress, device)
 
 
