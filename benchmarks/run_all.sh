@@ -763,3 +763,7 @@ mp --protocol dg --name meta_seed_spread_maple_dg; ug --protocol dg --name meta_
 mp --protocol xd --name meta_seed_spread_maple_xd; ug --protocol xd --name meta_seed_spread_unigram_xd
 wait
 $PY benchmarks/gram_summary.py --only v3
+
+# ---- session 17 (docs/methods.md "PromptSRC"; docs/results/base2new_promptsrc_v3.md, gram.md "Session 17") ----
+# the new PromptSRC host beside IVLP (the same deep prompts without the self-regulating losses and GPA), base-to-new
+eval $P1 --name base2new_promptsrc_v3 --protocol base2new --methods ivlp promptsrc
