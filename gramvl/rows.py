@@ -4,8 +4,8 @@ thread each, so that a training run gives the same bytes at any thread count.
 On the CPU the image tower's float sums depend on the intra-op thread count: the small CLIP's features of the same
 4 images differ between 1 and 2 threads, and so do the prompts that VPT, IVLP and MaPLe learn from them (session 17,
 docs/method.md). Inside `row_parallel()` (the trainer and `predict` enter it on the CPU) the encoders cut their rows
-(images, class prompts or packed prompt sequences) into `ROW_PARTS` parts of ceil(n / ROW_PARTS) rows, a cut that
-depends only on n. Each part runs forward and backward on one intra-op thread, the run's threads take parts at once
+(images, class prompts or packed prompt sequences) into `ROW_PARTS` parts of ceil(n / ROW_PARTS) rows, at least
+`MIN_PART` rows each (`spans`): a cut that depends only on n. Each part runs forward and backward on one intra-op thread, the run's threads take parts at once
 (`gramvl.paths.cache_fill_map`), and the gradients of tensors shared by all rows (the prompts) are summed in part
 order, as one process would. The rest of the step runs on one thread (`gramvl.paths.one_thread`).
 """
@@ -20,7 +20,11 @@ import torch
 
 from gramvl.paths import cache_fill_map, one_thread
 
-ROW_PARTS = 8  # parts per batch: fixed, so the cut (and every float sum) is the same at any thread count
+# the cut: ROW_PARTS parts of ceil(n / ROW_PARTS) rows, at least MIN_PART rows each. It is fixed, so the cut (and every
+# float sum) is the same at any thread count; 4 parts of 2 or more rows were the fastest of the cuts tried at 2 threads
+# (1.3-1.4 times the intra-op step) and cost least at 1 thread (docs/results/train_threads.md)
+ROW_PARTS = 4
+MIN_PART = 2
 _LOCAL = threading.local()
 
 
@@ -43,9 +47,10 @@ def row_parallel(device="cpu") -> Iterator[None]:
         _LOCAL.on = False
 
 
-def spans(n: int, parts: int = ROW_PARTS) -> list[tuple[int, int]]:
-    """The cut of n rows: `parts` runs of ceil(n / parts) rows (fewer when n < parts)."""
-    size = max(1, -(-n // parts))
+def spans(n: int, parts: int | None = None) -> list[tuple[int, int]]:
+    """The cut of n rows: `parts` (default ROW_PARTS) runs of ceil(n / parts) rows, at least MIN_PART each (fewer
+    runs when n is small)."""
+    size = max(MIN_PART, -(-n // (parts or ROW_PARTS)))
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 

@@ -10,7 +10,8 @@ from gramvl.rows import ROW_PARTS, row_apply, row_map, row_parallel, spans
 
 
 def test_the_cut_depends_only_on_the_number_of_rows():
-    assert spans(4) == [(0, 1), (1, 2), (2, 3), (3, 4)] and len(spans(ROW_PARTS)) == ROW_PARTS
+    assert spans(4, 4) == [(0, 2), (2, 4)] and spans(1) == [(0, 1)]  # at least MIN_PART = 2 rows a part
+    assert len(spans(100)) == ROW_PARTS and spans(9, 4) == [(0, 3), (3, 6), (6, 9)]
     assert spans(20, 8) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15), (15, 18), (18, 20)]
     for n in (1, 7, 33, 256):
         cut = spans(n)
