@@ -767,3 +767,6 @@ $PY benchmarks/gram_summary.py --only v3
 # ---- session 17 (docs/methods.md "PromptSRC"; docs/results/base2new_promptsrc_v3.md, gram.md "Session 17") ----
 # the new PromptSRC host beside IVLP (the same deep prompts without the self-regulating losses and GPA), base-to-new
 eval $P1 --name base2new_promptsrc_v3 --protocol base2new --methods ivlp promptsrc
+# prompt tuning's two CPU ways side by side (run with the other jobs paused); the other cuts in train_threads_cuts.md were
+# this command for --methods vpt ivlp with gramvl.rows.ROW_PARTS / MIN_PART set to 8/1, 8/2, 4/1, 4/4 and 2/1
+$PY benchmarks/train_threads.py --methods coop vpt ivlp maple promptsrc --shots 4 --epochs 2 --repeats 2
