@@ -462,8 +462,8 @@ class Backbone(nn.Module):
         if row_parallel_on():  # parts of packed sequences, one intra-op thread each (gramvl/rows.py)
             first = torch.arange(x.shape[0])
             h = row_apply(lambda h, i: (grad_checkpoint(run, h, int(i[0]), use_reentrant=False)
-                                             if checkpoint and torch.is_grad_enabled() else run(h, int(i[0]))),
-                               [x, first], [True, True])
+                                        if checkpoint and torch.is_grad_enabled() else run(h, int(i[0]))),
+                          [x, first], [True, True])
         else:
             step = max(1, chunk_size * G // C) if chunk_size else x.shape[0]  # about chunk_size classes per chunk
             outs = []
@@ -562,8 +562,8 @@ class Backbone(nn.Module):
         if row_parallel_on():  # parts of the batch, one intra-op thread each (gramvl/rows.py)
             dl = deep or []
             return row_apply(lambda x, p, *dp: self._encode_image(x, p, list(dp) or None, normalize),
-                                  [images, prompts, *dl],
-                                  [True, prompts is not None and prompts.dim() == 3, *(d.dim() == 3 for d in dl)])
+                             [images, prompts, *dl],
+                             [True, prompts is not None and prompts.dim() == 3, *(d.dim() == 3 for d in dl)])
         return self._encode_image(images, prompts, deep, normalize)
 
     def _encode_image(self, images: torch.Tensor, prompts: torch.Tensor | None, deep: list[torch.Tensor] | None,

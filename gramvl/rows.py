@@ -61,6 +61,8 @@ def row_map(fn: Callable[..., torch.Tensor], rows: Sequence[torch.Tensor],
     `rows` are cut along their first dimension (all of the same length); `shared` tensors go whole to every part.
     fn must be row-wise: its output's rows are those of its row inputs."""
     rows, shared = list(rows), list(shared)
+    if rows[0].shape[0] == 0:
+        return fn(*rows, *shared)
     cut = spans(rows[0].shape[0])
     if torch.is_grad_enabled() and any(t.requires_grad for t in rows + shared):
         return _RowMap.apply(fn, cut, len(rows), *rows, *shared)
