@@ -770,3 +770,10 @@ eval $P1 --name base2new_promptsrc_v3 --protocol base2new --methods ivlp prompts
 # prompt tuning's two CPU ways side by side (run with the other jobs paused); the other cuts in train_threads_cuts.md were
 # this command for --methods vpt ivlp with gramvl.rows.ROW_PARTS / MIN_PART set to 8/1, 8/2, 4/1, 4/4 and 2/1
 $PY benchmarks/train_threads.py --methods coop vpt ivlp maple promptsrc --shots 4 --epochs 2 --repeats 2
+# GRAM on PromptSRC: UNIGRAM meta-trained on its slots (IVLP + UNIGRAM's recipe, 270 steps), then base-to-new with and without
+OMP_NUM_THREADS=1 $PY -m gramvl --quiet meta-train --host promptsrc --unigram --steps 270 --set meta.second_order=false \
+    meta.theta_anchor=0.5 --out runs/gram17/promptsrc_unigram.safetensors
+eval $P1 --name base2new_promptsrc_gram_v3 --protocol base2new --methods promptsrc --gram runs/gram17/promptsrc_unigram.safetensors
+# MaPLe's cross-dataset and DG cells over its five artifacts (session 16's commands, finished; 89db6b6 work tree)
+mp --protocol xd --name meta_seed_spread_maple_xd; mp --protocol dg --name meta_seed_spread_maple_dg
+$PY benchmarks/gram_summary.py --only v3
