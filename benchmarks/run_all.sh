@@ -777,3 +777,6 @@ eval $P1 --name base2new_promptsrc_gram_v3 --protocol base2new --methods prompts
 # MaPLe's cross-dataset and DG cells over its five artifacts (session 16's commands, finished; 89db6b6 work tree)
 mp --protocol xd --name meta_seed_spread_maple_xd; mp --protocol dg --name meta_seed_spread_maple_dg
 $PY benchmarks/gram_summary.py --only v3
+# PromptSRC's schedule on the val split: its 20 epochs against IVLP's 5 (IVLP at 5 as the reference)
+eval $P1 --name val_base2new_promptsrc_ep5 --protocol base2new --methods ivlp promptsrc --epochs 5 --eval-split val --runs runs/val
+eval $P1 --name val_base2new_promptsrc_ep20 --protocol base2new --methods promptsrc --epochs 20 --eval-split val --runs runs/val
