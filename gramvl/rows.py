@@ -21,8 +21,9 @@ import torch
 from gramvl.paths import cache_fill_map, one_thread
 
 # the cut: ROW_PARTS parts of ceil(n / ROW_PARTS) rows, at least MIN_PART rows each. It is fixed, so the cut (and every
-# float sum) is the same at any thread count; 4 parts of 2 or more rows were the fastest of the cuts tried at 2 threads
-# (1.3-1.4 times the intra-op step) and cost least at 1 thread (docs/results/train_threads.md)
+# float sum) is the same at any thread count; 4 parts of 2 or more rows were among the fastest of the cuts tried at 2
+# threads (1.22-1.48 times the intra-op step) and among the cheapest at 1 (0.81-0.85; docs/results/train_threads.md,
+# train_threads_cuts.md)
 ROW_PARTS = 4
 MIN_PART = 2
 _LOCAL = threading.local()
