@@ -180,3 +180,25 @@ def test_unigram_meta_trains_promptsrcs_text_and_visual_slots_and_attaches_to_a_
     start = {k: v.detach().clone() for k, v in host.slots().items()}
     Trainer(host, Recipe(epochs=2, lr=0.05, batch_size=3, warmup_epochs=0), seed=1, progress=False).fit(ds)
     assert all(not torch.equal(start[k], v) for k, v in host.slots().items())
+
+
+def test_protocols_run_the_papers_config_of_each_protocol_and_explicit_options_win(small_random_backbone):
+    from gramvl.engine.protocols import ProtocolConfig, _train_cfg
+
+    bb = small_random_backbone
+
+    def cfg(protocol, method="promptsrc", **kw):
+        return _train_cfg(ProtocolConfig(protocol=protocol, method=method, **kw), bb, "emoji-nature", 16, 1, "all")
+
+    assert cfg("base2new").epochs is None and cfg("base2new").host == {"seed": 1}  # the default: base-to-new's
+    few = cfg("fewshot")
+    assert few.epochs == 50 and few.host == {"gpa_mean": 0.6, "gpa_std": 0.6, "seed": 1}
+    xd = cfg("xd")
+    assert xd.host["depth"] == 1 and xd.host["vis_depth"] == 2 and xd.host["gpa_mean"] == 0.3  # 3 of 12 layers
+    assert cfg("dg").host == xd.host
+    mine = cfg("fewshot", epochs=7, host={"gpa_std": 0.1})
+    assert mine.epochs == 7 and mine.host["gpa_std"] == 0.1 and mine.host["gpa_mean"] == 0.6
+    for method in ("coop", "ivlp", "maple"):  # other hosts run their defaults everywhere
+        assert cfg("fewshot", method).epochs is None and cfg("xd", method).host == {"seed": 1}
+    host = build_host("promptsrc", bb, NAMES, xd.host)
+    assert "text_deep" not in host.slots() and host.vis_deep.shape[0] == 1

@@ -74,12 +74,16 @@ def resolve_targets(p: ProtocolConfig) -> list[str]:
     return []
 
 
-def _train_cfg(p: ProtocolConfig, dataset: str, shots: int, seed: int, subsample: str) -> TrainConfig:
+def _train_cfg(p: ProtocolConfig, bb: Backbone, dataset: str, shots: int, seed: int, subsample: str) -> TrainConfig:
+    """A unit's training config: the method's own setting for this protocol (`protocol_setting`), then the
+    protocol's explicit epochs and host options."""
+    recipe, host = HOSTS[p.method].protocol_setting(p.protocol, bb) if p.method in HOSTS else ({}, {})
     return TrainConfig(method=p.method, dataset=dataset, shots=shots, seed=seed, subsample=subsample,
-                       model=p.model, weights=p.weights, data_root=p.data_root, epochs=p.epochs, lr=p.lr,
+                       model=p.model, weights=p.weights, data_root=p.data_root,
+                       epochs=p.epochs if p.epochs is not None else recipe.get("epochs"), lr=p.lr,
                        batch_size=p.batch_size, train_views=p.train_views, device=p.device,
                        precision=p.precision, gram=p.gram, gram_parts=p.gram_parts,
-                       host={**p.host, "seed": seed})
+                       host={**host, **p.host, "seed": seed})
 
 
 def train_host(cfg: TrainConfig, bb: Backbone, ckpt: Path | None = None, progress: bool = True):
@@ -126,7 +130,7 @@ def run_unit(p: ProtocolConfig, bb: Backbone, dataset: str, shots: int, seed: in
     """Train (or not, for zero-shot) and evaluate one (dataset, shots, seed) unit; returns its record."""
     t0 = time.time()
     subsample = "base" if p.protocol == "base2new" else "all"
-    cfg = _train_cfg(p, dataset, shots, seed, subsample)
+    cfg = _train_cfg(p, bb, dataset, shots, seed, subsample)
     ckpt = Path(p.out) / "checkpoints" / f"{unit_name(dataset, shots, seed)}.safetensors"
     host, info = train_host(cfg, bb, ckpt, progress)
     metrics: dict = evaluate_sets(host, eval_sets(p, dataset), p.device)
@@ -147,7 +151,7 @@ def run_unit(p: ProtocolConfig, bb: Backbone, dataset: str, shots: int, seed: in
 def unit_identity(p: ProtocolConfig, bb: Backbone, dataset: str, shots: int, seed: int) -> dict:
     """What a unit's record depends on: its training config (not the device), the protocol, the evaluation
     split and targets, the backbone, and the content of the GRAM artifact."""
-    cfg = asdict(_train_cfg(p, dataset, shots, seed, "base" if p.protocol == "base2new" else "all"))
+    cfg = asdict(_train_cfg(p, bb, dataset, shots, seed, "base" if p.protocol == "base2new" else "all"))
     cfg.pop("device", None)
     cfg.update(protocol=p.protocol, eval_split=p.eval_split, targets=resolve_targets(p))
     ident = {"config": config_hash(cfg), "backbone": bb.ident}

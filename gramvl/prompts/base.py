@@ -83,6 +83,12 @@ class PromptLearner(nn.Module):
         self.classnames = list(classnames)
 
     # ---- interface -------------------------------------------------------------------------------
+    @classmethod
+    def protocol_setting(cls, protocol: str, bb: Backbone) -> tuple[dict, dict]:
+        """(recipe overrides, host option overrides) where the method's paper runs a protocol with another config
+        than its default one (PromptSRC); a protocol's explicit --epochs and --set win over them."""
+        return {}, {}
+
     def slots(self) -> dict[str, nn.Parameter]:
         """Named prompt tensors (the part GRAM meta-learns and regulates)."""
         return {}
