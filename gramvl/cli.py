@@ -98,6 +98,7 @@ def cmd_pretrain(args) -> int:
                          caption_positives=args.caption_positives, icons=args.icons, init=args.init or "",
                          warmup=args.warmup, photo_aug=args.photo_aug, val_limit=args.val_limit,
                          threads=args.threads, logit_scale_init=args.logit_scale_init,
+                         logit_scale_lr=args.logit_scale_lr,
                          pool=args.pool, augment=not args.no_augment)
     best = pretrain(cfg, args.out, progress=not args.quiet)
     print(f"best checkpoint: {best}")
@@ -361,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU threads (torch.set_num_threads); 1 lets two runs share a 2-core machine")
     pt.add_argument("--logit-scale-init", type=float, default=0.0,
                     help="start the learned logit scale at this value, e.g. 100 (0: the model's own)")
+    pt.add_argument("--logit-scale-lr", type=float, default=1e-2,
+                    help="the logit scale's own peak learning rate; 0 holds it at its start value, as real CLIP's "
+                         "sits at its clamp of 100 for most of its training")
     pt.add_argument("--pool", type=int, default=0,
                     help="diagnostic: train on a fixed random subset of this many pairs (0: the whole corpus)")
     pt.add_argument("--no-augment", action="store_true",

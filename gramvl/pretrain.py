@@ -384,6 +384,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     step), each with its .json sidecar, and resumes from OUT/last.* if present."""
     if cfg.logit_scale_init and not 0.0 < cfg.logit_scale_init <= 100.0:
         raise GramvlError(f"--logit-scale-init must be in (0, 100] (CLIP clamps at 100), got {cfg.logit_scale_init}")
+    if cfg.logit_scale_lr < 0:
+        raise GramvlError(f"--logit-scale-lr must be >= 0 (0 holds the scale), got {cfg.logit_scale_lr}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)

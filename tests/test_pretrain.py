@@ -249,3 +249,25 @@ def test_a_no_augment_pool_run_never_augments_and_records_its_batch_fit(tmp_path
     for k, v in final.model.state_dict().items():
         if f"model.{k}" in last and not k.endswith("attn_mask"):
             assert torch.equal(v, last[f"model.{k}"].half().float()), k
+
+
+def test_logit_scale_lr_zero_holds_the_scale_while_the_rest_trains(tmp_path, monkeypatch):
+    import pytest
+
+    from gramvl.errors import GramvlError
+    from gramvl.io import load_tensors
+
+    held = _tiny_run(tmp_path / "held", monkeypatch, 3, eval_every=1, logit_scale_init=100.0, logit_scale_lr=0.0)
+    free = _tiny_run(tmp_path / "free", monkeypatch, 3, eval_every=1, logit_scale_init=100.0)
+    last_h = load_tensors(held.parent / "last.safetensors")[0]
+    last_f = load_tensors(free.parent / "last.safetensors")[0]
+    assert last_h["model.logit_scale"].item() == pytest.approx(torch.log(torch.tensor(100.0)).item(), abs=1e-6)
+    assert last_f["model.logit_scale"].exp().item() < 99.9  # the default learns it (the same three steps)
+    one = load_tensors(_tiny_run(tmp_path / "held1", monkeypatch, 1, logit_scale_init=100.0,
+                                 logit_scale_lr=0.0).parent / "last.safetensors")[0]
+    assert one["model.logit_scale"].item() == last_h["model.logit_scale"].item()
+    moved = [k for k in last_h if k.startswith("model.") and k != "model.logit_scale"
+             and not torch.equal(last_h[k], one[k])]
+    assert len(moved) > 10  # the rest of the model trained on between step 1 and step 3
+    with pytest.raises(GramvlError, match="logit-scale-lr"):
+        _tiny_run(tmp_path / "bad", monkeypatch, 1, logit_scale_lr=-1.0)
