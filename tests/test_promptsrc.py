@@ -60,6 +60,29 @@ def test_loss_without_the_features_of_its_logits_is_a_clear_error(small_random_b
     host.eval()
     with pytest.raises(GramvlError, match="needs the features behind its logits"):
         host.loss(host.logits(batch), torch.tensor([0, 1, 2]), batch)
+    host.train()
+    with pytest.raises(GramvlError, match="needs the features behind its logits"):
+        host.loss(host.logits(batch).float() * 1.0, torch.tensor([0, 1, 2]), batch)  # not logits()'s tensor
+
+
+def test_loss_uses_the_features_of_the_logits_it_is_given(small_random_backbone):
+    # each logits tensor carries its own features: a second forward does not change the first one's loss, and the
+    # host keeps no features once the logits are gone (GRAM's meta-training never calls loss())
+    import gc
+    import weakref
+
+    bb = small_random_backbone
+    host = build_host("promptsrc", bb, NAMES)
+    host.train()
+    b1, b2, labels = images(bb, seed=1), images(bb, seed=2), torch.tensor([0, 1, 2])
+    want = host.loss(host.logits(b1), labels, b1).item()
+    first = host.logits(b1)
+    host.logits(b2)
+    assert host.loss(first, labels, b1).item() == pytest.approx(want, rel=1e-6)
+    img_ref = weakref.ref(first._src_features[0])
+    del first
+    gc.collect()
+    assert img_ref() is None
 
 
 def test_gpa_weights_are_a_normal_density_over_the_epochs_summing_to_one():

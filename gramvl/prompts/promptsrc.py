@@ -54,7 +54,6 @@ class PromptSRC(IVLP):
 
     def __init__(self, bb: Backbone, classnames: list[str], cfg: HostConfig | None = None):
         super().__init__(bb, classnames, cfg)
-        self._stash: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gpa: dict[str, torch.Tensor] | None = None
 
     @classmethod
@@ -76,9 +75,12 @@ class PromptSRC(IVLP):
 
     def logits(self, batch: dict) -> torch.Tensor:
         img, text = self.image_features(batch), self.class_text()
-        # the training loss needs the features behind these logits; only kept while they can be trained
-        self._stash = (img, text) if self.training and torch.is_grad_enabled() else None
-        return self.bb.logit_scale * img @ text.t()
+        out = self.bb.logit_scale * img @ text.t()
+        # the training loss needs the features behind these logits: they ride on the logits tensor (only while
+        # they can be trained), so they live exactly as long as it does (GRAM's meta-training never calls loss())
+        if self.training and torch.is_grad_enabled():
+            out._src_features = (img, text)
+        return out
 
     def src_losses(self, logits: torch.Tensor, img: torch.Tensor, text: torch.Tensor,
                    batch: dict) -> dict[str, torch.Tensor]:
@@ -93,10 +95,11 @@ class PromptSRC(IVLP):
                 "logits": (logq.exp() * (logq - logp)).sum() / logits.numel()}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> torch.Tensor:
-        if self._stash is None:
-            raise GramvlError("PromptSRC's loss needs the features behind its logits: call logits() in training "
-                              "mode with gradients enabled, then loss()")
-        (img, text), self._stash = self._stash, None
+        feats = getattr(logits, "_src_features", None)
+        if feats is None:
+            raise GramvlError("PromptSRC's loss needs the features behind its logits: pass the tensor that "
+                              "logits() returned in training mode with gradients enabled")
+        img, text = feats
         src = self.src_losses(logits, img, text, batch)
         c = self.cfg
         return (F.cross_entropy(logits, labels) + c.src_text_weight * src["text"]
