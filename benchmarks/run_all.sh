@@ -780,3 +780,8 @@ $PY benchmarks/gram_summary.py --only v3
 # PromptSRC's schedule on the val split: its 20 epochs against IVLP's 5 (IVLP at 5 as the reference)
 eval $P1 --name val_base2new_promptsrc_ep5 --protocol base2new --methods ivlp promptsrc --epochs 5 --eval-split val --runs runs/val
 eval $P1 --name val_base2new_promptsrc_ep20 --protocol base2new --methods promptsrc --epochs 20 --eval-split val --runs runs/val
+
+# ---- session 18 (docs/results/gram.md "Session 18"; docs/pretraining.md "Session 18") ----
+# IVLP + UNIGRAM's cross-dataset cell over its three artifacts (session 16's command, finished; 89db6b6 work tree)
+ug --protocol xd --name meta_seed_spread_unigram_xd
+$PY benchmarks/gram_summary.py --only v3
