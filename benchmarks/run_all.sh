@@ -785,3 +785,22 @@ eval $P1 --name val_base2new_promptsrc_ep20 --protocol base2new --methods prompt
 # IVLP + UNIGRAM's cross-dataset cell over its three artifacts (session 16's command, finished; 89db6b6 work tree)
 ug --protocol xd --name meta_seed_spread_unigram_xd
 $PY benchmarks/gram_summary.py --only v3
+# the logit scale held at CLIP's clamp of 100, then released (docs/pretraining.md "Session 18"); one thread per leg
+VAL="emoji-activities emoji-animals emoji-faces emoji-food emoji-nature emoji-objects emoji-travel emoji-activities-lineart \
+    emoji-animals-lineart emoji-faces-lineart emoji-food-lineart emoji-nature-lineart emoji-objects-lineart emoji-travel-lineart fashion-mnist"
+S="OMP_NUM_THREADS=1 $PY -m gramvl --quiet pretrain --batch-size 128 --photo-aug 0.15 --val-limit 2000 --eval-every 200 --icons 0.4 \
+    --caption-positives --threads 1 --val-sets $VAL --warmup 50"
+eval $S --out runs/pretrain_s18_a1 --lr 1e-4 --steps 1200 --init gramvl/assets/small_clip.safetensors --logit-scale-init 100 --logit-scale-lr 0 &
+eval $S --out runs/pretrain_s18_a0 --lr 1e-4 --steps 1200 --init gramvl/assets/small_clip.safetensors &   # control
+wait
+eval $S --out runs/pretrain_s18_b1 --lr 1e-4 --steps 400 --eval-every 100 --init runs/pretrain_s18_a1/best.safetensors &
+eval $S --out runs/pretrain_s18_b2 --lr 3e-5 --steps 400 --eval-every 50 --init runs/pretrain_s18_a1/best.safetensors &
+wait
+eval $S --out runs/pretrain_s18_b3 --lr 1e-4 --steps 400 --eval-every 100 --seed 1 --init runs/pretrain_s18_a1/best.safetensors
+M="small runs/pretrain_s18_a0/best.safetensors runs/pretrain_s18_a1/best.safetensors runs/pretrain_s18_a1/final.safetensors \
+   runs/pretrain_s18_b1/best.safetensors runs/pretrain_s18_b2/best.safetensors runs/pretrain_s18_b3/best.safetensors runs/pretrain_s18_b3/final.safetensors"
+OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --name scale_optimum_s18 --models $M
+OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --seed 0 --name scale_optimum_s18_seed0 --models $M
+for leg in b1/best b2/best b3/final; do   # -> runs/zs_s18_*/zeroshot.md, copied to docs/results/zeroshot_s18_{b1,b2,b3}.md
+  OMP_NUM_THREADS=1 $PY benchmarks/zeroshot.py --model runs/pretrain_s18_$leg.safetensors --out runs/zs_s18_${leg%/*} --threads 1
+done
