@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -374,6 +375,20 @@ def load_init(net: torch.nn.Module, path: str | Path, model_cfg: dict) -> str:
     return f"{path.name}:{sha256_file(path)[:12]}"
 
 
+def repeated_batches(cfg: PretrainConfig, init_meta: dict | None) -> str | None:
+    """A warning when a continued run would re-draw its --init checkpoint's own batches: the batch of step t depends
+    only on the seed (and the corpus mix and batch size), so a leg with its parent's seed starts on the very pairs and
+    augmentation draws its parent trained on first (session 18 measured what that does to the logit scale)."""
+    parent = (init_meta or {}).get("pretrain") or {}
+    pc, done = parent.get("config") or {}, (parent.get("state") or {}).get("step", 0)
+    keys = ("seed", "batch_size", "icons", "photo_aug", "pool", "augment")
+    if not done or any(pc.get(k) != getattr(cfg, k) for k in keys):
+        return None
+    return (f"--init {cfg.init} was trained with the same batch stream (--seed {cfg.seed}): this run's first "
+            f"{min(done, cfg.steps)} steps re-draw the batches it trained on (the same pairs and augmentation). "
+            "Pass another --seed for fresh batches (docs/pretraining.md, session 18).")
+
+
 def _sidecar(cfg: PretrainConfig, extra: dict) -> dict:
     return {"format": "gramvl-small-clip", "model_cfg": cfg.model_cfg(), "mean": list(cfg.mean),
             "std": list(cfg.std), "pretrain": {"config": asdict(cfg), **extra}}
@@ -418,6 +433,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
     if cfg.init:
         init_id = load_init(net, cfg.init, config["model_cfg"])
         state["init"] = init_id
+        repeat = repeated_batches(cfg, load_tensors(cfg.init)[1])
+        if repeat:
+            warnings.warn(repeat, stacklevel=2)
     if cfg.logit_scale_init:
         with torch.no_grad():
             net.logit_scale.fill_(math.log(cfg.logit_scale_init))

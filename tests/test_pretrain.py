@@ -271,3 +271,17 @@ def test_logit_scale_lr_zero_holds_the_scale_while_the_rest_trains(tmp_path, mon
     assert len(moved) > 10  # the rest of the model trained on between step 1 and step 3
     with pytest.raises(GramvlError, match="logit-scale-lr"):
         _tiny_run(tmp_path / "bad", monkeypatch, 1, logit_scale_lr=-1.0)
+
+
+def test_a_continued_run_with_its_parents_seed_warns_that_it_re_draws_the_parents_batches(tmp_path, monkeypatch):
+    import warnings
+
+    import pytest
+
+    parent = _tiny_run(tmp_path / "p", monkeypatch, 2)
+    with pytest.warns(UserWarning, match="re-draw the batches it trained on"):
+        _tiny_run(tmp_path / "same", monkeypatch, 2, init=str(parent))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _tiny_run(tmp_path / "fresh", monkeypatch, 2, init=str(parent), seed=1)  # fresh batches: no warning
+        _tiny_run(tmp_path / "mix", monkeypatch, 2, init=str(parent), icons=0.5)  # another batch mix: no warning
