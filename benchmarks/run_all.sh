@@ -797,8 +797,10 @@ eval $S --out runs/pretrain_s18_b1 --lr 1e-4 --steps 400 --eval-every 100 --init
 eval $S --out runs/pretrain_s18_b2 --lr 3e-5 --steps 400 --eval-every 50 --init runs/pretrain_s18_a1/best.safetensors &
 wait
 eval $S --out runs/pretrain_s18_b3 --lr 1e-4 --steps 400 --eval-every 100 --seed 1 --init runs/pretrain_s18_a1/best.safetensors
+eval $S --out runs/pretrain_s18_b4 --lr 1e-4 --steps 400 --eval-every 100 --seed 2 --photo-aug 0.3 --init runs/pretrain_s18_a1/final.safetensors
 M="small runs/pretrain_s18_a0/best.safetensors runs/pretrain_s18_a1/best.safetensors runs/pretrain_s18_a1/final.safetensors \
-   runs/pretrain_s18_b1/best.safetensors runs/pretrain_s18_b2/best.safetensors runs/pretrain_s18_b3/best.safetensors runs/pretrain_s18_b3/final.safetensors"
+   runs/pretrain_s18_b1/best.safetensors runs/pretrain_s18_b2/best.safetensors runs/pretrain_s18_b3/best.safetensors runs/pretrain_s18_b3/final.safetensors \
+   runs/pretrain_s18_b4/final.safetensors"
 OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --name scale_optimum_s18 --models $M
 OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --seed 0 --name scale_optimum_s18_seed0 --models $M
 for leg in b1/best b2/best b3/final; do   # -> runs/zs_s18_*/zeroshot.md, copied to docs/results/zeroshot_s18_{b1,b2,b3}.md
