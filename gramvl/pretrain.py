@@ -360,8 +360,9 @@ def draw_pool(cfg: PretrainConfig, n_emoji: int, n_icons: int) -> torch.Tensor:
     return torch.tensor(list(rows)[:cfg.pool])
 
 
-def load_init(net: torch.nn.Module, path: str | Path, model_cfg: dict) -> str:
-    """Load the weights of a small-CLIP checkpoint into `net` (a continued run); return the model's id."""
+def load_init(net: torch.nn.Module, path: str | Path, model_cfg: dict) -> tuple[str, dict]:
+    """Load the weights of a small-CLIP checkpoint into `net` (a continued run); return the model's id and its
+    sidecar."""
     path = Path(path)
     if not path.is_file():
         raise GramvlError(f"--init checkpoint {path} does not exist")
@@ -372,7 +373,7 @@ def load_init(net: torch.nn.Module, path: str | Path, model_cfg: dict) -> str:
     _load_into(net, {k[6:] if k.startswith("model.") else k: v.float() for k, v in tensors.items()},
                f"--init checkpoint {path}")
 
-    return f"{path.name}:{sha256_file(path)[:12]}"
+    return f"{path.name}:{sha256_file(path)[:12]}", meta
 
 
 def repeated_batches(cfg: PretrainConfig, init_meta: dict | None) -> str | None:
@@ -431,9 +432,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True) ->
 
     state = {"step": 0, "best_score": -1e9, "best_step": -1, "history": [], "seconds": 0.0}
     if cfg.init:
-        init_id = load_init(net, cfg.init, config["model_cfg"])
-        state["init"] = init_id
-        repeat = repeated_batches(cfg, load_tensors(cfg.init)[1])
+        state["init"], init_meta = load_init(net, cfg.init, config["model_cfg"])
+        repeat = repeated_batches(cfg, init_meta)
         if repeat:
             warnings.warn(repeat, stacklevel=2)
     if cfg.logit_scale_init:

@@ -64,7 +64,8 @@ def test_init_loads_a_checkpoint_and_refuses_another_architecture(tmp_path):
                                               if not k.endswith("attn_mask")}, side)
     torch.manual_seed(1)
     dst = build_small_clip(side)
-    ident = load_init(dst, tmp_path / "a.safetensors", side["model_cfg"])
+    ident, meta = load_init(dst, tmp_path / "a.safetensors", side["model_cfg"])
+    assert meta["model_cfg"] == side["model_cfg"]
     assert ident.startswith("a.safetensors:")
     for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
