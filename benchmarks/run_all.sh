@@ -803,6 +803,6 @@ M="small runs/pretrain_s18_a0/best.safetensors runs/pretrain_s18_a1/best.safeten
    runs/pretrain_s18_b4/final.safetensors"
 OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --name scale_optimum_s18 --models $M
 OMP_NUM_THREADS=1 $PY benchmarks/scale_optimum.py --threads 1 --seed 0 --name scale_optimum_s18_seed0 --models $M
-for leg in b1/best b2/best b3/final; do   # -> runs/zs_s18_*/zeroshot.md, copied to docs/results/zeroshot_s18_{b1,b2,b3}.md
+for leg in b1/best b2/best b3/final b4/final; do   # -> runs/zs_s18_*/zeroshot.md, copied to docs/results/zeroshot_s18_{b1,b2,b3,b4}.md
   OMP_NUM_THREADS=1 $PY benchmarks/zeroshot.py --model runs/pretrain_s18_$leg.safetensors --out runs/zs_s18_${leg%/*} --threads 1
 done
