@@ -5,9 +5,10 @@ On the CPU the image tower's float sums depend on the intra-op thread count: the
 4 images differ between 1 and 2 threads, and so do the prompts that VPT, IVLP and MaPLe learn from them (session 17,
 docs/method.md). Inside `row_parallel()` (the trainer and `predict` enter it on the CPU) the encoders cut their rows
 (images, class prompts or packed prompt sequences) into `ROW_PARTS` parts of ceil(n / ROW_PARTS) rows, at least
-`MIN_PART` rows each (`spans`): a cut that depends only on n. Each part runs forward and backward on one intra-op thread, the run's threads take parts at once
-(`gramvl.paths.cache_fill_map`), and the gradients of tensors shared by all rows (the prompts) are summed in part
-order, as one process would. The rest of the step runs on one thread (`gramvl.paths.one_thread`).
+`MIN_PART` rows each (`spans`): a cut that depends only on n. Each part runs forward and backward on one
+intra-op thread, the run's threads take parts at once (`gramvl.paths.cache_fill_map`), and the gradients of
+tensors shared by all rows (the prompts) are summed in part order, as one process would. The rest of the step runs
+on one thread (`gramvl.paths.one_thread`).
 """
 
 from __future__ import annotations
